@@ -1,0 +1,261 @@
+"""Train an image classifier: ``python -m pipeline.train [overrides]``.
+
+The only module that reads the Hydra config: it checks it, then hands typed
+arguments to ``pipeline.data``, ``pipeline.models`` and ``pipeline.trainer``.
+TensorFlow is imported only once the config is known to be good.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline.train")
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+COMMON_DATA_KEYS = ("source", "image_size", "batch_size", "natural_images", "cache_dir")
+CHOICES = {
+    "trainer.strategy": ("auto", "mirrored", "multi_worker", "one_device", "default"),
+    "trainer.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
+    "trainer.jit_compile": ("auto", True, False),
+    "schedule.name": ("constant", "step", "cosine"),
+    "data.source": ("digits", "folder", "tfds"),
+    "data.resize": ("crop", "pad", "stretch"),
+}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks the choices TensorFlow would otherwise trip over much later.
+
+    Raises:
+        PipelineError: naming the key, the value received and the valid ones.
+    """
+    for key, valid in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value != "__absent__" and value not in valid:
+            shown = ", ".join(str(v).lower() if isinstance(v, bool) else v for v in valid)
+            raise PipelineError(f"{key} must be one of {shown}; got {value!r}")
+    for key in ("trainer.epochs", "data.batch_size", "data.image_size"):
+        if int(OmegaConf.select(cfg, key)) < 1:
+            raise PipelineError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.optimizer.lr <= 0 or cfg.optimizer.ref_batch < 1:
+        raise PipelineError(
+            f"optimizer.lr must be > 0 and optimizer.ref_batch >= 1, got "
+            f"{cfg.optimizer.lr} and {cfg.optimizer.ref_batch}"
+        )
+
+
+def _data_options(data_cfg: DictConfig) -> dict:
+    options = OmegaConf.to_container(data_cfg, resolve=True)
+    source = options["source"]
+    kept = {k: v for k, v in options.items() if k not in COMMON_DATA_KEYS}
+    if source == "tfds":
+        kept["cache_dir"] = options.get("cache_dir", "data")
+    return kept
+
+
+def _optimizer_factory(opt_cfg: DictConfig, *, schedule_cfg: DictConfig, global_batch: int,
+                       steps_per_epoch: int, epochs: int):
+    """Returns (build_optimizer, peak_lr): the lr is scaled from ref_batch to the global batch."""
+    from pipeline.schedules import WarmupSchedule
+
+    kwargs = OmegaConf.to_container(opt_cfg, resolve=True)
+    base_lr, ref_batch = kwargs.pop("lr"), kwargs.pop("ref_batch")
+    peak_lr = float(base_lr) * global_batch / int(ref_batch)
+    sched = OmegaConf.to_container(schedule_cfg, resolve=True)
+    total = epochs * steps_per_epoch
+    schedule_kwargs = {
+        "peak_lr": peak_lr,
+        "total_steps": total,
+        "warmup_steps": min(total, int(round(sched.get("warmup_epochs", 0) * steps_per_epoch))),
+        "kind": sched["name"],
+    }
+    if sched["name"] == "cosine":
+        schedule_kwargs["alpha"] = sched.get("alpha", 0.0)
+    if sched["name"] == "step":
+        schedule_kwargs["milestones"] = tuple(sched.get("milestones", ()))
+        schedule_kwargs["factor"] = sched.get("factor", 0.1)
+
+    def build_optimizer():
+        return hydra.utils.instantiate(
+            kwargs, learning_rate=WarmupSchedule(**schedule_kwargs), _convert_="all"
+        )
+
+    return build_optimizer, peak_lr
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
+    """Trains, evaluates and saves one model as the config says.
+
+    Args:
+        cfg: the composed config (``conf/config.yaml`` plus overrides).
+        run_dir: where to write; defaults to Hydra's output dir.
+
+    Returns:
+        The final metrics (also written to ``<run_dir>/metrics.json``).
+
+    Raises:
+        PipelineError: a problem with the config, data or files.
+    """
+    started = time.perf_counter()
+    check_config(cfg)
+    run_dir = _prepare_run_dir(cfg, run_dir)
+
+    from pipeline import data, models, runinfo, trainer
+
+    t = cfg.trainer
+    devices = trainer.setup_devices(
+        logical_cpus=t.logical_cpus, deterministic=t.deterministic, seed=cfg.seed
+    )
+    models.get_model(cfg.model.arch)  # an unknown name fails before data loading
+    plan = trainer.plan(
+        strategy=t.strategy, precision=t.precision, jit_compile=t.jit_compile, devices=devices
+    )
+    strategy = trainer.make_strategy(plan.strategy, devices)
+    replicas = strategy.num_replicas_in_sync
+    if cfg.optimizer.get("gradient_accumulation_steps") and replicas > 1:
+        raise PipelineError(
+            f"optimizer.gradient_accumulation_steps={cfg.optimizer.gradient_accumulation_steps} "
+            f"does not work with {replicas} replicas (Keras raises under a multi-replica "
+            "strategy). Raise data.batch_size instead, or use one device."
+        )
+    log.info("Devices: %d GPU(s), CPUs %s. %s", len(devices.gpus), devices.cpus, "; ".join(plan.reasons))
+
+    source = data.load_source(
+        cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **_data_options(cfg.data)
+    )
+    bundle = data.make_datasets(
+        source,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        crop_padding=cfg.augment.crop_padding,
+        flip=cfg.augment.flip,
+    )
+    log.info(
+        "Data %s: %s images, %d classes, %s px, mean %s, std %s",
+        source.name,
+        bundle.counts,
+        bundle.num_classes,
+        bundle.image_shape,
+        [round(m, 4) for m in bundle.mean],
+        [round(s, 4) for s in bundle.std],
+    )
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    arch = model_kwargs.pop("arch")
+
+    def build_model():
+        return models.build(
+            arch,
+            num_classes=bundle.num_classes,
+            input_shape=bundle.image_shape,
+            mean=bundle.mean,
+            std=bundle.std,
+            **model_kwargs,
+        )
+
+    build_optimizer, peak_lr = _optimizer_factory(
+        cfg.optimizer,
+        schedule_cfg=cfg.schedule,
+        global_batch=cfg.data.batch_size,
+        steps_per_epoch=bundle.steps_per_epoch(),
+        epochs=t.epochs,
+    )
+    early = OmegaConf.to_container(t.early_stopping) if t.early_stopping.enabled else None
+    result = trainer.fit(
+        strategy=strategy,
+        plan=plan,
+        build_model=build_model,
+        build_optimizer=build_optimizer,
+        data=bundle,
+        run_dir=run_dir,
+        epochs=t.epochs,
+        seed=cfg.seed,
+        label_smoothing=t.label_smoothing,
+        steps_per_execution=t.steps_per_execution,
+        preflight=t.preflight,
+        verbose=t.verbose,
+        profile_batches=t.profile_batches,
+        checkpoint_monitor=t.checkpoint_monitor,
+        early_stopping=early,
+        backup=t.backup,
+    )
+    result.model.save(run_dir / "model.keras")
+    metrics = {**result.metrics, "peak_lr": peak_lr, "wall_time_s": time.perf_counter() - started}
+    runinfo.write_json(run_dir / "metrics.json", metrics)
+    runinfo.write_json(run_dir / "history.json", result.history)
+    runinfo.write_json(
+        run_dir / "manifest.json",
+        runinfo.manifest(
+            devices={"gpus": devices.gpus, "cpus": devices.cpus},
+            plan={**vars(plan), "attempts": result.attempts},
+            data={
+                "source": source.name,
+                "fingerprint": source.fingerprint,
+                "class_names": bundle.class_names,
+                "image_shape": list(bundle.image_shape),
+                "mean": bundle.mean,
+                "std": bundle.std,
+                "counts": bundle.counts,
+                "seed": cfg.seed,
+                "details": source.details,
+                "splits": {s: getattr(source, s).members for s in ("train", "val", "test")},
+            },
+        ),
+    )
+    _print_summary(metrics, run_dir)
+    return metrics
+
+
+def _prepare_run_dir(cfg: DictConfig, run_dir) -> Path:
+    if run_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            raise PipelineError("train(cfg) outside a Hydra app needs run_dir=...")
+        run_dir = HydraConfig.get().runtime.output_dir
+    path = Path(run_dir)
+    config_file = path / ".hydra" / "config.yaml"
+    if not config_file.exists():  # Hydra writes it for command-line runs
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(OmegaConf.to_yaml(cfg))
+    return path
+
+
+def _print_summary(metrics: dict, run_dir: Path) -> None:
+    rows = [
+        ("test accuracy", f"{metrics.get('test_accuracy', float('nan')):.4f}"),
+        ("test loss", f"{metrics.get('test_loss', float('nan')):.4f}"),
+        ("val accuracy", f"{metrics.get('val_accuracy', float('nan')):.4f}"),
+        ("train accuracy", f"{metrics.get('train_accuracy', float('nan')):.4f}"),
+        ("epochs", str(metrics["epochs"])),
+        ("training time", f"{metrics['train_time_s']:.1f} s"),
+        ("images/s", f"{metrics['images_per_sec']:.0f}"),
+        ("strategy / replicas", f"{metrics['strategy']} / {metrics['num_replicas']}"),
+        ("precision / XLA", f"{metrics['precision']} / {metrics['jit_compile']}"),
+        ("run dir", str(run_dir)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows) + "\n", flush=True)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the validation accuracy for sweepers."""
+    try:
+        return train(cfg)["val_accuracy"]
+    except PipelineError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

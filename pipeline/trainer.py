@@ -1,0 +1,459 @@
+"""Training under a tf.distribute strategy with XLA and mixed precision.
+
+``setup_devices`` must run before TensorFlow touches a device; ``plan`` turns
+the ``auto`` choices into concrete ones for the devices found; ``fit`` builds
+the model under the strategy, runs a pre-flight step (falling back to XLA off,
+then float32, when a combination fails), trains with the standard callbacks
+and evaluates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device", "default")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+JIT_CHOICES = ("auto", True, False)
+
+
+@dataclass
+class Devices:
+    """What TensorFlow sees: GPUs with compute capability, and CPU devices."""
+
+    gpus: list[dict]
+    cpus: list[str]
+
+    @property
+    def min_compute_capability(self) -> tuple[int, int] | None:
+        caps = [tuple(g["compute_capability"]) for g in self.gpus if g.get("compute_capability")]
+        return min(caps) if caps else None
+
+
+@dataclass
+class Plan:
+    """The resolved strategy, precision and XLA choice, and why."""
+
+    strategy: str
+    precision: str
+    jit_compile: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FitResult:
+    """What training produced: final metrics, per-epoch history, the model."""
+
+    metrics: dict
+    history: dict
+    attempts: list[dict]
+    model: keras.Model
+
+
+def setup_devices(*, logical_cpus: int | None, deterministic: bool, seed: int) -> Devices:
+    """Configures devices, determinism and seeds; call before any TensorFlow op.
+
+    Args:
+        logical_cpus: split the CPU into this many logical devices (to run
+            MirroredStrategy without GPUs), or None.
+        deterministic: turn on TensorFlow's op determinism.
+        seed: seeds Python, NumPy, TensorFlow and Keras.
+
+    Returns:
+        The devices found.
+    """
+    if logical_cpus:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        configs = [tf.config.LogicalDeviceConfiguration() for _ in range(int(logical_cpus))]
+        try:
+            tf.config.set_logical_device_configuration(cpu, configs)
+        except RuntimeError as err:
+            current = len(tf.config.list_logical_devices("CPU"))
+            if current != logical_cpus:
+                raise PipelineError(
+                    f"trainer.logical_cpus={logical_cpus} cannot be applied: TensorFlow "
+                    f"already started with {current} CPU device(s) in this process ({err})."
+                ) from err
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    keras.utils.set_random_seed(seed)
+    gpus = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(gpu)
+        gpus.append(
+            {
+                "name": gpu.name,
+                "device_name": details.get("device_name", ""),
+                "compute_capability": list(details.get("compute_capability", ()) or ()),
+            }
+        )
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return Devices(gpus=gpus, cpus=cpus)
+
+
+def plan(*, strategy: str, precision: str, jit_compile, devices: Devices) -> Plan:
+    """Resolves ``auto`` choices for the devices found.
+
+    Raises:
+        PipelineError: an unknown choice.
+    """
+    if strategy not in STRATEGIES:
+        raise PipelineError(f"trainer.strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if precision not in PRECISIONS:
+        raise PipelineError(f"trainer.precision must be one of {PRECISIONS}, got {precision!r}")
+    if jit_compile not in JIT_CHOICES:
+        raise PipelineError(f"trainer.jit_compile must be auto, true or false, got {jit_compile!r}")
+    reasons = []
+    n_gpus = len(devices.gpus)
+    if strategy == "auto":
+        if os.environ.get("TF_CONFIG"):
+            strategy, why = "multi_worker", "TF_CONFIG is set"
+        elif n_gpus > 1:
+            strategy, why = "mirrored", f"{n_gpus} GPUs"
+        else:
+            strategy, why = "default", f"{n_gpus or 'no'} GPU{'s' if n_gpus != 1 else ''}"
+        reasons.append(f"strategy auto -> {strategy} ({why})")
+    if precision == "auto":
+        cap = devices.min_compute_capability
+        if cap is None:
+            precision, why = "float32", "no GPU"
+        elif cap >= (8, 0):
+            precision, why = "mixed_bfloat16", f"compute capability {cap[0]}.{cap[1]}"
+        elif cap >= (7, 0):
+            precision, why = "mixed_float16", f"compute capability {cap[0]}.{cap[1]}"
+        else:
+            precision, why = "float32", f"compute capability {cap[0]}.{cap[1]} < 7.0"
+        reasons.append(f"precision auto -> {precision} ({why})")
+    if jit_compile == "auto":
+        jit_compile = n_gpus > 0
+        reasons.append(f"jit_compile auto -> {jit_compile} ({'GPU' if n_gpus else 'CPU only'})")
+    return Plan(strategy=strategy, precision=precision, jit_compile=bool(jit_compile), reasons=reasons)
+
+
+def make_strategy(name: str, devices: Devices) -> tf.distribute.Strategy:
+    """Creates the tf.distribute strategy ``name`` (already resolved from auto)."""
+    gpu_names = [g["name"].replace("physical_device:", "") for g in devices.gpus]
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy(devices=gpu_names or devices.cpus)
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpu_names[0] if gpu_names else devices.cpus[0])
+    if name == "default":
+        return tf.distribute.get_strategy()
+    raise PipelineError(f"trainer.strategy must be one of {STRATEGIES}, got {name!r}")
+
+
+class EpochStats(keras.callbacks.Callback):
+    """Adds training images/s (validation excluded) to each epoch's logs.
+
+    Placed before TensorBoard and the progress bar, so both show it.
+    """
+
+    def __init__(self, images_per_epoch: int):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self.rates: list[float] = []
+        self._start = self._train_end = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._train_end = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if self._start is not None and self._train_end is None:
+            self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        end = self._train_end or time.perf_counter()
+        rate = self.images_per_epoch / max(end - self._start, 1e-9)
+        self.rates.append(rate)
+        if logs is not None:
+            logs["images_per_sec"] = rate
+        self._start = None
+
+
+def _fallbacks(precision: str, jit_compile: bool) -> list[tuple[str, bool]]:
+    """The combinations to try, in order: as planned, XLA off, then float32."""
+    tries = [(precision, jit_compile)]
+    if jit_compile:
+        tries.append((precision, False))
+    if precision != "float32":
+        tries.append(("float32", False))
+    return tries
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+def _compile(model, optimizer, *, jit_compile, label_smoothing, steps_per_execution, num_classes):
+    metrics = [keras.metrics.CategoricalAccuracy(name="accuracy")]
+    if num_classes > 5:
+        metrics.append(keras.metrics.TopKCategoricalAccuracy(k=5, name="top5_accuracy"))
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=label_smoothing
+        ),
+        metrics=metrics,
+        jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
+    )
+
+
+def _preflight_step(model, batch_ds) -> None:
+    """Runs one training step, then puts weights and optimizer state back."""
+    model.optimizer.build(model.trainable_variables)
+    weights = model.get_weights()
+    opt_state = [v.numpy() for v in model.optimizer.variables]
+    history = model.fit(batch_ds, epochs=1, verbose=0)
+    loss = history.history["loss"][-1]
+    if not math.isfinite(loss):
+        log.warning("Pre-flight step gave a non-finite loss (%s)", loss)
+    model.set_weights(weights)
+    for var, value in zip(model.optimizer.variables, opt_state, strict=True):
+        var.assign(value)
+
+
+def build_compiled(
+    *,
+    strategy: tf.distribute.Strategy,
+    plan: Plan,
+    build_model: Callable[[], keras.Model],
+    build_optimizer: Callable[[], keras.optimizers.Optimizer],
+    preflight_data: tf.data.Dataset | None,
+    seed: int,
+    compile_kwargs: dict,
+) -> tuple[keras.Model, list[dict]]:
+    """Builds and compiles the model, trying fallbacks when a step fails.
+
+    Returns:
+        The compiled model and the attempts made (each with precision,
+        jit_compile, ok and error); ``plan`` is updated to what worked.
+
+    Raises:
+        PipelineError: every combination failed.
+    """
+    attempts = []
+    for precision, jit in _fallbacks(plan.precision, plan.jit_compile):
+        keras.backend.clear_session()
+        keras.mixed_precision.set_global_policy(precision)
+        keras.utils.set_random_seed(seed)
+        with strategy.scope():
+            model = build_model()  # a bad model argument is the user's to fix: no fallback
+            optimizer = build_optimizer()
+        try:
+            with strategy.scope():
+                _compile(model, optimizer, jit_compile=jit, **compile_kwargs)
+                if preflight_data is not None:
+                    _preflight_step(model, preflight_data)
+        except Exception as err:  # any failure of this combination: try the next
+            attempts.append(
+                {"precision": precision, "jit_compile": jit, "ok": False, "error": _short(err)}
+            )
+            log.warning(
+                "Pre-flight failed with strategy=%s precision=%s jit_compile=%s: %s",
+                plan.strategy,
+                precision,
+                jit,
+                _short(err),
+            )
+            continue
+        attempts.append({"precision": precision, "jit_compile": jit, "ok": True, "error": None})
+        if (precision, jit) != (plan.precision, plan.jit_compile):
+            log.warning(
+                "Falling back: precision %s -> %s, jit_compile %s -> %s (see metrics.json)",
+                plan.precision,
+                precision,
+                plan.jit_compile,
+                jit,
+            )
+            plan.reasons.append(
+                f"pre-flight fallback: precision {plan.precision} -> {precision}, "
+                f"jit_compile {plan.jit_compile} -> {jit}"
+            )
+            plan.precision, plan.jit_compile = precision, jit
+        return model, attempts
+    keras.mixed_precision.set_global_policy("float32")
+    tried = "; ".join(f"{a['precision']}/jit={a['jit_compile']}: {a['error']}" for a in attempts)
+    raise PipelineError(
+        f"training cannot run with strategy={plan.strategy}: every combination failed "
+        f"the pre-flight step ({tried})."
+    )
+
+
+def _callbacks(
+    *,
+    run_dir: Path,
+    images_per_epoch: int,
+    checkpoint_monitor: str,
+    profile_batches,
+    early_stopping: dict | None,
+    backup: bool,
+) -> tuple[list[keras.callbacks.Callback], EpochStats]:
+    stats = EpochStats(images_per_epoch)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    callbacks = [
+        stats,
+        keras.callbacks.TensorBoard(
+            log_dir=str(run_dir / "tensorboard"),
+            profile_batch=tuple(profile_batches) if profile_batches else 0,
+        ),
+        keras.callbacks.ModelCheckpoint(
+            str(ckpt_dir / "best.weights.h5"),
+            monitor=checkpoint_monitor,
+            save_best_only=True,
+            save_weights_only=True,
+        ),
+        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.weights.h5"), save_weights_only=True),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    if backup:
+        callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup")))
+    if early_stopping:
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor=early_stopping["monitor"],
+                patience=int(early_stopping["patience"]),
+                restore_best_weights=False,
+            )
+        )
+    return callbacks, stats
+
+
+def fit(
+    *,
+    strategy: tf.distribute.Strategy,
+    plan: Plan,
+    build_model: Callable[[], keras.Model],
+    build_optimizer: Callable[[], keras.optimizers.Optimizer],
+    data,
+    run_dir: str | os.PathLike,
+    epochs: int,
+    seed: int = 0,
+    label_smoothing: float = 0.0,
+    steps_per_execution: int = 1,
+    preflight: bool = True,
+    verbose="auto",
+    profile_batches=None,
+    checkpoint_monitor: str = "val_accuracy",
+    early_stopping: dict | None = None,
+    backup: bool = True,
+    class_weight: dict | None = None,
+) -> FitResult:
+    """Trains ``build_model()`` on ``data`` and evaluates it on val and test.
+
+    Args:
+        strategy: from ``make_strategy``.
+        plan: from ``plan``; updated when the pre-flight step falls back.
+        build_model: builds the Keras model (called under the strategy's scope,
+            after the precision policy is set).
+        build_optimizer: builds the optimizer, likewise.
+        data: a ``pipeline.data.DataBundle``.
+        run_dir: where checkpoints, backups and TensorBoard logs go.
+        epochs: epochs to train.
+        seed: seeds the model's initial weights.
+        label_smoothing: of the cross-entropy loss.
+        steps_per_execution: training steps per compiled call.
+        preflight: run one step first and fall back when it fails.
+        verbose: ``auto`` (progress bar on a terminal, a line per epoch
+            otherwise), 0, 1 or 2.
+        profile_batches: ``[first, last]`` batches to trace into TensorBoard.
+        checkpoint_monitor: val metric that picks ``checkpoints/best.weights.h5``.
+        early_stopping: ``{"monitor", "patience"}`` or None.
+        backup: keep a BackupAndRestore backup under ``run_dir/backup``.
+        class_weight: per-class loss weights, or None.
+
+    Returns:
+        A ``FitResult``.
+    """
+    if epochs < 1:
+        raise PipelineError(f"trainer.epochs must be >= 1, got {epochs}")
+    run_dir = Path(run_dir)
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    compile_kwargs = {
+        "label_smoothing": float(label_smoothing),
+        "steps_per_execution": int(steps_per_execution),
+        "num_classes": data.num_classes,
+    }
+    model, attempts = build_compiled(
+        strategy=strategy,
+        plan=plan,
+        build_model=build_model,
+        build_optimizer=build_optimizer,
+        preflight_data=data.train.take(1) if preflight else None,
+        seed=seed,
+        compile_kwargs=compile_kwargs,
+    )
+    callbacks, stats = _callbacks(
+        run_dir=run_dir,
+        images_per_epoch=data.source.train.count,
+        checkpoint_monitor=checkpoint_monitor,
+        profile_batches=profile_batches,
+        early_stopping=early_stopping,
+        backup=backup,
+    )
+    start = time.perf_counter()
+    history = model.fit(
+        data.train,
+        validation_data=data.val,
+        epochs=epochs,
+        callbacks=callbacks,
+        verbose=verbose,
+        class_weight=class_weight,
+    )
+    train_time = time.perf_counter() - start
+    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    if not hist.get("loss"):
+        raise PipelineError("training ran no epoch (was the backup already complete?)")
+    last_loss = hist["loss"][-1]
+    if not math.isfinite(last_loss):
+        raise PipelineError(
+            f"training stopped: the loss became {last_loss} in epoch {len(hist['loss'])}. "
+            "Lower optimizer.lr, or check the data."
+        )
+    metrics = {"train_" + k: v[-1] for k, v in hist.items() if not k.startswith("val_")}
+    metrics.pop("train_images_per_sec", None)
+    metrics.pop("train_learning_rate", None)
+    for split, ds in (("val", data.val), ("test", data.test)):
+        result = model.evaluate(ds, verbose=0, return_dict=True)
+        metrics.update({f"{split}_{k}": float(v) for k, v in result.items()})
+    monitor = hist.get(checkpoint_monitor)
+    if monitor:
+        best = max(monitor) if "acc" in checkpoint_monitor else min(monitor)
+        metrics[f"best_{checkpoint_monitor}"] = best
+        metrics["best_epoch"] = monitor.index(best) + 1
+    rates = stats.rates[1:] or stats.rates  # the first epoch pays for tracing
+    metrics.update(
+        {
+            "epochs": len(hist["loss"]),
+            "train_time_s": train_time,
+            "images_per_sec": sorted(rates)[len(rates) // 2] if rates else 0.0,
+            "strategy": plan.strategy,
+            "num_replicas": int(strategy.num_replicas_in_sync),
+            "precision": plan.precision,
+            "jit_compile": plan.jit_compile,
+            "fallbacks": [a for a in attempts if not a["ok"]],
+        }
+    )
+    return FitResult(metrics=metrics, history=hist, attempts=attempts, model=model)
+
+
+def plan_dict(p: Plan) -> dict:
+    return asdict(p)

@@ -1,0 +1,91 @@
+"""Every option of every config group composes, and bad configs fail early and clearly."""
+
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, REPO, compose
+from pipeline.errors import PipelineError
+from pipeline.train import check_config
+
+GROUPS = ["data", "augment", "model", "optimizer", "schedule", "trainer", "experiment"]
+
+
+def _options(group):
+    return sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in _options(g)], ids=lambda s: s
+)
+def test_every_option_composes(override):
+    cfg = compose([override])
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    for key in ("data", "augment", "model", "optimizer", "schedule", "trainer", "seed"):
+        assert key in container, f"{override}: {key} missing"
+    check_config(cfg)
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert _options(group), f"conf/{group}/ is empty"
+
+
+def test_defaults_train_the_cnn_on_digits():
+    cfg = compose()
+    assert cfg.data.source == "digits"
+    assert cfg.model.arch == "cnn"
+    assert cfg.augment.flip is False  # digits are not mirror-symmetric
+    assert compose(["data=folder", "data.path=/x"]).augment.flip is True
+
+
+def test_model_configs_name_registered_models():
+    from pipeline.models import list_models
+
+    for option in _options("model"):
+        assert compose([f"model={option}"]).model.arch in list_models()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.strategy=magic", "trainer.strategy must be one of"),
+        ("trainer.precision=float64", "trainer.precision must be one of"),
+        ("trainer.jit_compile=maybe", "trainer.jit_compile must be one of"),
+        ("trainer.epochs=0", "trainer.epochs must be >= 1"),
+        ("optimizer.lr=-1", "optimizer.lr must be > 0"),
+    ],
+)
+def test_bad_values_are_named(override, message):
+    with pytest.raises(PipelineError, match=message) as err:
+        check_config(compose([override]))
+    assert override.split("=")[1] in str(err.value)
+
+
+def _run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+def test_unknown_key_fails_in_hydra_before_tensorflow():
+    proc = _run_cli("trainer.epoch=3", "hydra.run.dir=/tmp/should-not-exist-pipeline")
+    assert proc.returncode != 0
+    assert "epoch" in proc.stderr and "trainer" in proc.stderr
+    assert "tensorflow" not in proc.stderr.lower()
+
+
+def test_unknown_group_option_lists_the_choices():
+    proc = _run_cli("model=resnet9000")
+    assert proc.returncode != 0
+    assert "resnet9000" in proc.stderr and "resnet20" in proc.stderr
+
+
+def test_conf_dir_is_the_repos():
+    assert CONF_DIR.endswith("conf")

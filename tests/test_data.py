@@ -1,0 +1,167 @@
+"""Sources, splits, resizing, statistics and batching."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import write_image_folder
+from pipeline import data
+from pipeline.data.sources import resize_image
+from pipeline.errors import PipelineError
+
+
+def _digits(seed=0, size=16):
+    return data.load_source(
+        "digits", image_size=size, seed=seed, test_fraction=0.2, val_fraction=0.1
+    )
+
+
+def test_digits_splits_are_disjoint_stratified_and_seeded():
+    src = _digits()
+    train, val, test = (set(getattr(src, s).members) for s in ("train", "val", "test"))
+    assert not (train & val or train & test or val & test)
+    assert len(train | val | test) == 1797
+    assert len(test) == pytest.approx(0.2 * 1797, abs=10)
+    assert len(val) == pytest.approx(0.1 * 0.8 * 1797, abs=10)
+    labels = np.concatenate([y.numpy() for _, y in src.test.images.batch(1000)])
+    assert np.bincount(labels, minlength=10).min() >= 34  # ~36 of each digit
+    assert _digits().test.members == src.test.members
+    assert _digits(seed=1).test.members != src.test.members
+
+
+def test_digits_images_are_uint8_rgb_at_size():
+    x, y = next(iter(_digits(size=16).train.images.batch(4)))
+    assert x.shape == (4, 16, 16, 3) and x.dtype == tf.uint8 and y.dtype == tf.int32
+    assert int(tf.reduce_max(x)) > 200  # 0..16 was scaled to 0..255
+    np.testing.assert_array_equal(x[..., 0], x[..., 2])  # grey: channels equal
+
+
+def test_stats_match_numpy():
+    src = _digits()
+    bundle = data.make_datasets(src, batch_size=32, seed=0)
+    pixels = np.concatenate([x.numpy() for x, _ in src.train.images.batch(512)])
+    pixels = pixels.reshape(-1, 3).astype(np.float64) / 255.0
+    np.testing.assert_allclose(bundle.mean, pixels.mean(0), atol=1e-3)
+    np.testing.assert_allclose(bundle.std, pixels.std(0), atol=1e-3)
+
+
+def test_batches_are_float_pixels_and_one_hot():
+    bundle = data.make_datasets(_digits(), batch_size=32, seed=0, crop_padding=4)
+    x, y = next(iter(bundle.train))
+    assert x.shape == (32, 16, 16, 3) and x.dtype == tf.float32
+    assert float(tf.reduce_max(x)) <= 255.0 and float(tf.reduce_min(x)) >= 0.0
+    assert y.shape == (32, 10)
+    np.testing.assert_allclose(tf.reduce_sum(y, axis=1), np.ones(32))
+    assert bundle.steps_per_epoch() == -(-bundle.counts["train"] // 32)
+    val_total = sum(int(x.shape[0]) for x, _ in bundle.val)
+    assert val_total == bundle.counts["val"]
+
+
+def test_crop_padding_shifts_images_and_flip_mirrors():
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:, :4] = 255
+    src_ds = tf.data.Dataset.from_tensors((image, np.int32(0))).repeat(64)
+    flip = data._augment_fn(8, crop_padding=0, flip=True)
+    flipped = [flip(x, y)[0].numpy() for x, y in src_ds]
+    assert any(f[0, 0, 0] == 0 for f in flipped) and any(f[0, 0, 0] == 255 for f in flipped)
+    crop = data._augment_fn(32, crop_padding=4, flip=False)  # 4 px at 32 px
+    big = np.full((32, 32, 3), 255, np.uint8)
+    crops = [crop(big, 0)[0].numpy() for _ in range(20)]
+    assert all(c.shape == (32, 32, 3) for c in crops)
+    assert any((c == 0).any() for c in crops)  # padding showed up in some crops
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad", "stretch"])
+def test_resize_modes(mode):
+    wide = np.zeros((20, 40, 3), np.uint8)
+    wide[:, :10] = 255  # white left quarter
+    out = resize_image(wide, 10, mode).numpy()
+    assert out.shape == (10, 10, 3) and out.dtype == np.uint8
+    if mode == "crop":  # centre crop keeps the middle half: no white left
+        assert out[:, 0].max() < 128
+    if mode == "pad":  # letterboxed: black bands top and bottom
+        assert out[0].max() == 0 and out[-1].max() == 0 and out[5, 0].min() == 255
+    if mode == "stretch":
+        assert out[5, :2].min() > 200 and out[5, -2:].max() == 0
+
+
+def test_folder_lists_formats_and_splits_per_class(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=10)
+    src = data.load_source(
+        "folder", path=str(root), image_size=24, seed=0, val_fraction=0.1, test_fraction=0.2
+    )
+    assert src.class_names == ["cat", "dog", "fox"]
+    assert (src.train.count, src.val.count, src.test.count) == (21, 3, 6)
+    members = src.train.members + src.val.members + src.test.members
+    assert len(set(members)) == 30 and {m.rsplit(".", 1)[1] for m in members} == {
+        "png",
+        "jpg",
+        "bmp",
+        "gif",
+    }
+    for name in ("train", "val", "test"):
+        for x, y in getattr(src, name).images:
+            assert x.shape == (24, 24, 3) and x.dtype == tf.uint8
+            assert int(np.argmax(x.numpy().mean((0, 1)))) == int(y)  # class colour survived
+
+
+def test_folder_uses_given_val_and_test_folders(tmp_path):
+    root = write_image_folder(tmp_path / "train", per_class=4)
+    val = write_image_folder(tmp_path / "val", classes=("dog",), per_class=2)
+    src = data.load_source(
+        "folder", path=str(root), val_path=str(val), image_size=16, seed=0, test_fraction=0.25
+    )
+    assert src.val.count == 2 and src.train.count == 9 and src.test.count == 3
+    labels = [int(y) for _, y in src.val.images]
+    assert labels == [1, 1]  # "dog" is class 1 of the training folder
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("missing", "is not a folder"),
+        ("no_classes", "has no class subfolders"),
+        ("empty_class", "holds no images"),
+        ("bad_val", "has classes \\['wolf'\\]"),
+    ],
+)
+def test_folder_errors_name_the_problem(tmp_path, setup, message):
+    root = tmp_path / "imgs"
+    kwargs = {}
+    if setup != "missing":
+        root.mkdir()
+    if setup == "empty_class":
+        write_image_folder(root, classes=("a",), per_class=2)
+        (root / "b").mkdir()
+    if setup == "bad_val":
+        write_image_folder(root, classes=("a",), per_class=4)
+        kwargs["val_path"] = str(write_image_folder(tmp_path / "v", classes=("wolf",), per_class=1))
+    with pytest.raises(PipelineError, match=message):
+        data.load_source("folder", path=str(root), image_size=16, seed=0, **kwargs)
+
+
+def test_tfds_source_through_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=12):
+        src = data.load_source(
+            "tfds",
+            name="cifar10",
+            image_size=16,
+            seed=0,
+            cache_dir=str(tmp_path),
+            train_split="train[:90%]",
+            val_split="train[90%:]",
+            test_split="test",
+        )
+        bundle = data.make_datasets(src, batch_size=4, seed=0)
+        x, y = next(iter(bundle.train))
+    assert len(src.class_names) == 10 and bundle.num_classes == 10
+    assert x.shape == (4, 16, 16, 3) and y.shape == (4, 10)
+    assert src.train.members == "train[:90%]"
+
+
+def test_tfds_unknown_name_is_clear(tmp_path):
+    with pytest.raises(PipelineError, match="not a TFDS dataset"):
+        data.load_source("tfds", name="no_such_dataset_xyz", image_size=16, seed=0,
+                         cache_dir=str(tmp_path))
