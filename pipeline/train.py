@@ -62,8 +62,14 @@ def _data_options(data_cfg: DictConfig) -> dict:
     return kept
 
 
-def _optimizer_factory(opt_cfg: DictConfig, *, schedule_cfg: DictConfig, global_batch: int,
-                       steps_per_epoch: int, epochs: int):
+def _optimizer_factory(
+    opt_cfg: DictConfig,
+    *,
+    schedule_cfg: DictConfig,
+    global_batch: int,
+    steps_per_epoch: int,
+    epochs: int,
+):
     """Returns (build_optimizer, peak_lr): the lr is scaled from ref_batch to the global batch."""
     from pipeline.schedules import WarmupSchedule
 
@@ -115,7 +121,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     devices = trainer.setup_devices(
         logical_cpus=t.logical_cpus, deterministic=t.deterministic, seed=cfg.seed
     )
-    models.get_model(cfg.model.arch)  # an unknown name fails before data loading
+    try:
+        models.get_model(cfg.model.arch)  # an unknown name fails before data loading
+    except ValueError as err:
+        raise PipelineError(f"model.arch: {err}") from err
     plan = trainer.plan(
         strategy=t.strategy, precision=t.precision, jit_compile=t.jit_compile, devices=devices
     )
@@ -127,7 +136,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             f"does not work with {replicas} replicas (Keras raises under a multi-replica "
             "strategy). Raise data.batch_size instead, or use one device."
         )
-    log.info("Devices: %d GPU(s), CPUs %s. %s", len(devices.gpus), devices.cpus, "; ".join(plan.reasons))
+    log.info(
+        "Devices: %d GPU(s), CPUs %s. %s", len(devices.gpus), devices.cpus, "; ".join(plan.reasons)
+    )
 
     source = data.load_source(
         cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **_data_options(cfg.data)
@@ -152,14 +163,17 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     arch = model_kwargs.pop("arch")
 
     def build_model():
-        return models.build(
-            arch,
-            num_classes=bundle.num_classes,
-            input_shape=bundle.image_shape,
-            mean=bundle.mean,
-            std=bundle.std,
-            **model_kwargs,
-        )
+        try:
+            return models.build(
+                arch,
+                num_classes=bundle.num_classes,
+                input_shape=bundle.image_shape,
+                mean=bundle.mean,
+                std=bundle.std,
+                **model_kwargs,
+            )
+        except (ValueError, FileNotFoundError, TypeError) as err:
+            raise PipelineError(f"model={arch}: {err}") from err
 
     build_optimizer, peak_lr = _optimizer_factory(
         cfg.optimizer,

@@ -15,12 +15,13 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
+from pipeline import compat
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -140,12 +141,16 @@ def plan(*, strategy: str, precision: str, jit_compile, devices: Devices) -> Pla
     if jit_compile == "auto":
         jit_compile = n_gpus > 0
         reasons.append(f"jit_compile auto -> {jit_compile} ({'GPU' if n_gpus else 'CPU only'})")
-    return Plan(strategy=strategy, precision=precision, jit_compile=bool(jit_compile), reasons=reasons)
+    return Plan(
+        strategy=strategy, precision=precision, jit_compile=bool(jit_compile), reasons=reasons
+    )
 
 
 def make_strategy(name: str, devices: Devices) -> tf.distribute.Strategy:
     """Creates the tf.distribute strategy ``name`` (already resolved from auto)."""
     gpu_names = [g["name"].replace("physical_device:", "") for g in devices.gpus]
+    if name in ("mirrored", "multi_worker"):
+        compat.patch_symbolic_build()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices=gpu_names or devices.cpus)
     if name == "multi_worker":
@@ -195,9 +200,15 @@ def _fallbacks(precision: str, jit_compile: bool) -> list[tuple[str, bool]]:
     return tries
 
 
+NOISE_PREFIXES = ("Graph execution error", "Detected at node", "<stack traces", "File ")
+
+
 def _short(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+    """The informative line of an error: TensorFlow's first lines are boilerplate."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(NOISE_PREFIXES)]
+    text = (useful or lines or [""])[0]
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 def _compile(model, optimizer, *, jit_compile, label_smoothing, steps_per_execution, num_classes):
@@ -274,18 +285,15 @@ def build_compiled(
             )
             continue
         attempts.append({"precision": precision, "jit_compile": jit, "ok": True, "error": None})
-        if (precision, jit) != (plan.precision, plan.jit_compile):
-            log.warning(
-                "Falling back: precision %s -> %s, jit_compile %s -> %s (see metrics.json)",
-                plan.precision,
-                precision,
-                plan.jit_compile,
-                jit,
-            )
-            plan.reasons.append(
-                f"pre-flight fallback: precision {plan.precision} -> {precision}, "
-                f"jit_compile {plan.jit_compile} -> {jit}"
-            )
+        changes = []
+        if precision != plan.precision:
+            changes.append(f"precision {plan.precision} -> {precision}")
+        if jit != plan.jit_compile:
+            changes.append(f"jit_compile {plan.jit_compile} -> {jit}")
+        if changes:
+            note = "pre-flight fallback: " + ", ".join(changes)
+            log.warning("%s (recorded in metrics.json and manifest.json)", note)
+            plan.reasons.append(note)
             plan.precision, plan.jit_compile = precision, jit
         return model, attempts
     keras.mixed_precision.set_global_policy("float32")
@@ -397,7 +405,7 @@ def fit(
         plan=plan,
         build_model=build_model,
         build_optimizer=build_optimizer,
-        preflight_data=data.train.take(1) if preflight else None,
+        preflight_data=data.first_batch if preflight else None,
         seed=seed,
         compile_kwargs=compile_kwargs,
     )
@@ -453,7 +461,3 @@ def fit(
         }
     )
     return FitResult(metrics=metrics, history=hist, attempts=attempts, model=model)
-
-
-def plan_dict(p: Plan) -> dict:
-    return asdict(p)

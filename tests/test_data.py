@@ -163,5 +163,6 @@ def test_tfds_source_through_mock_data(tmp_path):
 
 def test_tfds_unknown_name_is_clear(tmp_path):
     with pytest.raises(PipelineError, match="not a TFDS dataset"):
-        data.load_source("tfds", name="no_such_dataset_xyz", image_size=16, seed=0,
-                         cache_dir=str(tmp_path))
+        data.load_source(
+            "tfds", name="no_such_dataset_xyz", image_size=16, seed=0, cache_dir=str(tmp_path)
+        )

@@ -27,11 +27,16 @@ STATS_BATCH = 512  # images per step of the statistics pass
 
 @dataclass
 class DataBundle:
-    """Batched datasets and what the model and the run records need to know."""
+    """Batched datasets and what the model and the run records need to know.
+
+    ``first_batch`` is one global batch of training images, unshuffled: a
+    pre-flight step uses it without advancing the training set's reshuffling.
+    """
 
     train: tf.data.Dataset
     val: tf.data.Dataset
     test: tf.data.Dataset
+    first_batch: tf.data.Dataset
     source: Source
     image_shape: tuple[int, int, int]
     batch_size: int
@@ -173,6 +178,7 @@ def make_datasets(
 
     return DataBundle(
         train=train,
+        first_batch=train_images.take(batch_size).batch(batch_size).map(finish),
         val=evaluation(source.val),
         test=evaluation(source.test),
         source=source,

@@ -1,0 +1,258 @@
+"""Model zoo: a registry of image classifiers and `build()`, which wraps one for training.
+
+Every registered builder is `fn(num_classes, input_shape, **kwargs) -> keras.Model`
+(plus `pretrained=None` when keras.applications has weights for it). Its input is
+already-preprocessed float images, its output float32 logits. `build()` puts the
+preprocessing in front, so the model the trainer gets takes raw 0..255 pixels:
+
+    model = build("resnet20", num_classes=10, input_shape=(32, 32, 3),
+                  mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import logging
+import numbers
+import os
+import re
+import warnings
+from collections.abc import Callable, Sequence
+
+import keras
+import numpy as np
+
+from pipeline.models.layers import ImagenetPreprocess
+
+logger = logging.getLogger(__name__)
+
+PRETRAINED_CHOICES = ("imagenet",)
+WEIGHTS_SUFFIXES = (".weights.h5", ".keras")
+
+_MODELS: dict[str, Callable[..., keras.Model]] = {}
+
+
+def register_model(fn: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
+    """Adds a model builder to the registry under its function name.
+
+    Args:
+        fn: `fn(num_classes, input_shape, **kwargs) -> keras.Model` returning logits.
+
+    Returns:
+        `fn` unchanged, so this works as a decorator.
+
+    Raises:
+        ValueError: If a builder with the same name is already registered.
+    """
+    if fn.__name__ in _MODELS:
+        raise ValueError(f"Model {fn.__name__!r} is already registered.")
+    _MODELS[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Returns the registered model names, sorted."""
+    return sorted(_MODELS)
+
+
+def get_model(name: str) -> Callable[..., keras.Model]:
+    """Returns the builder registered under `name`.
+
+    Args:
+        name: A name from `list_models()`.
+
+    Returns:
+        The builder function.
+
+    Raises:
+        ValueError: If `name` is not registered; the message lists the valid names.
+    """
+    if name not in _MODELS:
+        close = difflib.get_close_matches(str(name), _MODELS, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(
+            f"Unknown model {name!r}.{hint} Registered models: {', '.join(list_models())}."
+        )
+    return _MODELS[name]
+
+
+def build(
+    arch: str,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    pretrained: str | None = None,
+    weights: str | os.PathLike | None = None,
+    **kwargs,
+) -> keras.Model:
+    """Builds the model the trainer uses: raw pixels -> preprocessing -> network -> logits.
+
+    Args:
+        arch: A registered model name (see `list_models()`).
+        num_classes: Number of output logits, >= 1.
+        input_shape: `(height, width, channels)` of the images.
+        mean: Per-channel mean of the training images on the [0, 1] scale. Required
+            unless `pretrained` is set (then the weights' own preprocessing is used).
+        std: Per-channel standard deviation on the [0, 1] scale, all > 0.
+        pretrained: None (random init) or "imagenet" (keras.applications weights,
+            downloaded by Keras on first use; only models backed by keras.applications).
+        weights: Path to a local `.weights.h5` or `.keras` file to fine-tune from.
+            Layers whose shapes differ (e.g. a head for another number of classes)
+            are skipped with a logged warning.
+        **kwargs: Passed to the builder (e.g. `norm="sync"` for "cnn").
+
+    Returns:
+        An uncompiled `keras.Model` taking float images with values 0..255 and
+        returning float32 logits of shape `(batch, num_classes)`.
+
+    Raises:
+        ValueError: For an unknown `arch`, a bad argument, or `pretrained` on a model
+            that has no such weights.
+        FileNotFoundError: If `weights` does not exist.
+    """
+    builder = get_model(arch)
+    input_shape = _check_input_shape(input_shape)
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    num_classes = int(num_classes)
+    if pretrained is not None:
+        _check_pretrained(arch, builder, pretrained, input_shape)
+        kwargs["pretrained"] = pretrained
+    else:
+        mean, std = _check_mean_std(mean, std, channels=input_shape[-1])
+    if weights is not None:
+        weights = _check_weights_path(weights)
+
+    backbone = builder(num_classes, input_shape, **kwargs)
+    inputs = keras.Input(shape=input_shape, name="pixels")
+    x = _preprocessing(inputs, backbone, pretrained, mean, std)
+    model = keras.Model(inputs, backbone(x), name=arch)
+    if weights is not None:
+        _load_weights(model, weights)
+    return model
+
+
+def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(input_shape)
+    if len(shape) != 3 or not all(_is_int(d) and d > 0 for d in shape):
+        raise ValueError(
+            f"input_shape must be (height, width, channels) of positive ints, got {input_shape!r}"
+        )
+    return tuple(int(d) for d in shape)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_pretrained(arch, builder, pretrained, input_shape) -> None:
+    if pretrained not in PRETRAINED_CHOICES:
+        raise ValueError(
+            f"pretrained must be None or one of {PRETRAINED_CHOICES}, got {pretrained!r}"
+        )
+    if "pretrained" not in inspect.signature(builder).parameters:
+        raise ValueError(
+            f"Model {arch!r} has no {pretrained} weights (pretrained={pretrained!r}); "
+            f"models backed by keras.applications have: {', '.join(_pretrainable())}."
+        )
+    if input_shape[-1] != 3:
+        raise ValueError(
+            f"pretrained={pretrained!r} needs 3-channel RGB input, got input_shape={input_shape}"
+        )
+
+
+def _pretrainable() -> list[str]:
+    return [n for n in list_models() if "pretrained" in inspect.signature(_MODELS[n]).parameters]
+
+
+def _check_mean_std(mean, std, channels: int) -> tuple[list[float], list[float]]:
+    if mean is None or std is None:
+        raise ValueError(
+            f"mean and std (per-channel, [0, 1] scale) are required unless pretrained is set, "
+            f"got mean={mean!r}, std={std!r}"
+        )
+    mean = np.asarray(mean, dtype="float64").ravel().tolist()
+    std = np.asarray(std, dtype="float64").ravel().tolist()
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(
+            f"mean and std need one value per channel ({channels}), got mean={mean}, std={std}"
+        )
+    if min(std) <= 0:
+        raise ValueError(f"std must be > 0 for every channel, got {std}")
+    return mean, std
+
+
+def _check_weights_path(weights: str | os.PathLike) -> str:
+    path = os.fspath(weights)
+    if not path.endswith(WEIGHTS_SUFFIXES):
+        raise ValueError(f"weights must be a {' or '.join(WEIGHTS_SUFFIXES)} file, got {path!r}")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path!r}")
+    return path
+
+
+def _preprocessing(inputs, backbone, pretrained, mean, std):
+    # Preprocess in float32 even under a mixed policy: 0..255 pixels and small
+    # normalised values both lose digits in 16-bit floats.
+    if pretrained is not None:
+        return ImagenetPreprocess(
+            backbone.preprocess_mode, dtype="float32", name="imagenet_preprocess"
+        )(inputs)
+    x = keras.layers.Rescaling(1.0 / 255.0, dtype="float32", name="rescale")(inputs)
+    variance = [s**2 for s in std]
+    return keras.layers.Normalization(
+        mean=mean, variance=variance, dtype="float32", name="normalize"
+    )(x)
+
+
+def _load_weights(model: keras.Model, path: str) -> None:
+    # Keras reports skipped layers as a Python warning that prints whole tensors;
+    # say instead which layers kept their fresh initialisation, and why.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.load_weights(path, skip_mismatch=True)
+    reports = [str(w.message) for w in caught if "could not be loaded" in str(w.message)]
+    for warning in caught:
+        message = str(warning.message)
+        if message in reports:
+            continue
+        if reports and message.startswith("Skipping nested container"):
+            # Keras retries the same mismatched layers through a nested
+            # Functional model's op list and warns about them a second time.
+            logger.debug(message)
+            continue
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if reports:
+        skipped = [
+            name
+            for report in reports
+            for name in re.findall(r"<\w+ name=([^,>]+)", report.rpartition("loaded:")[2])
+        ]
+        logger.warning(
+            "Loading weights from %s skipped layers whose shapes differ from the file "
+            "(e.g. a classifier head for another number of classes); they keep their "
+            "fresh initialisation: %s",
+            path,
+            ", ".join(skipped) or reports[0].splitlines()[0],
+        )
+    logger.info("Loaded weights from %s", path)
+
+
+# Saved models carry their optimizer and its learning-rate schedule: registering
+# the schedule here lets `keras.saving.load_model` read any `model.keras` of ours
+# once `pipeline.models` is imported.
+from pipeline import schedules  # noqa: E402, F401
+
+# Importing the families registers their models; they need `register_model` above.
+from pipeline.models import (  # noqa: E402, F401, I001
+    cnn,
+    inception,
+    keras_app,
+    resnet_cifar,
+    resnet_imagenet,
+)
+
+__all__ = ["ImagenetPreprocess", "build", "get_model", "list_models", "register_model"]
