@@ -231,7 +231,7 @@ def _preflight_step(model, batch_ds) -> None:
     model.optimizer.build(model.trainable_variables)
     weights = model.get_weights()
     opt_state = [v.numpy() for v in model.optimizer.variables]
-    history = model.fit(batch_ds, epochs=1, verbose=0)
+    history = model.fit(batch_ds, epochs=1, verbose=0, shuffle=False)
     loss = history.history["loss"][-1]
     if not math.isfinite(loss):
         log.warning("Pre-flight step gave a non-finite loss (%s)", loss)
@@ -425,6 +425,7 @@ def fit(
         callbacks=callbacks,
         verbose=verbose,
         class_weight=class_weight,
+        shuffle=False,  # the tf.data pipeline shuffles; Keras would only warn
     )
     train_time = time.perf_counter() - start
     hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}

@@ -316,39 +316,3 @@ def test_imagenet_preprocess_round_trips_in_a_keras_file(tmp_path):
     reloaded = keras.models.load_model(tmp_path / "pre.keras")
     assert isinstance(reloaded.layers[-1], ImagenetPreprocess)
     assert reloaded.layers[-1].mode == "torch"
-
-
-@pytest.mark.slow
-def test_cnn_reaches_99_percent_on_digits():
-    """The default model's promise: >= 99% test accuracy on sklearn digits at 32x32."""
-    import tensorflow as tf
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    images = tf.image.resize(digits.images[..., None] / 16 * 255, (32, 32)).numpy()
-    images = np.repeat(images, 3, axis=-1).astype("float32")
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=0.2, stratify=digits.target, random_state=0
-    )
-    mean, std = (x_train / 255).mean((0, 1, 2)), (x_train / 255).std((0, 1, 2))
-    model = models.build("cnn", num_classes=10, input_shape=INPUT_SHAPE, mean=mean, std=std)
-    epochs, batch = 30, 64
-    steps = epochs * -(-len(x_train) // batch)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        0.0, steps, warmup_target=0.05, warmup_steps=steps // epochs
-    )
-    model.compile(
-        optimizer=keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=5e-4),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-
-    def random_crop(image, label):  # 4px zero padding, as conf/augment does at 32px
-        image = tf.image.random_crop(tf.pad(image, [[4, 4], [4, 4], [0, 0]]), (32, 32, 3))
-        return image, label
-
-    train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
-    train = train.shuffle(len(x_train), seed=0).map(random_crop).batch(batch)
-    model.fit(train, epochs=epochs, verbose=0)
-    assert model.evaluate(x_test, y_test, verbose=0)[1] >= 0.99

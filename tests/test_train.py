@@ -240,3 +240,10 @@ def test_cli_refuses_gradient_accumulation_across_replicas(tmp_path):
     )
     assert proc.returncode == 2
     assert "gradient_accumulation_steps=2 does not work with 2 replicas" in proc.stderr
+
+
+@pytest.mark.slow
+def test_default_config_reaches_99_percent_on_digits(tmp_path):
+    """The README's first command: the default cnn on digits, >= 99% test accuracy."""
+    metrics = train(compose(["trainer.verbose=0"]), run_dir=tmp_path / "run")
+    assert metrics["test_accuracy"] >= 0.99, metrics
