@@ -57,7 +57,7 @@ def _data_options(data_cfg: DictConfig) -> dict:
     options = OmegaConf.to_container(data_cfg, resolve=True)
     source = options["source"]
     kept = {k: v for k, v in options.items() if k not in COMMON_DATA_KEYS}
-    if source == "tfds":
+    if source in ("tfds", "folder"):
         kept["cache_dir"] = options.get("cache_dir", "data")
     return kept
 
@@ -115,7 +115,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     check_config(cfg)
     run_dir = _prepare_run_dir(cfg, run_dir)
 
-    from pipeline import data, models, runinfo, trainer
+    from pipeline import data, doctor, models, runinfo, trainer
 
     t = cfg.trainer
     devices = trainer.setup_devices(
@@ -136,6 +136,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             f"does not work with {replicas} replicas (Keras raises under a multi-replica "
             "strategy). Raise data.batch_size instead, or use one device."
         )
+    machine = doctor.report(strategy=t.strategy, precision=t.precision, jit_compile=t.jit_compile)
+    print(doctor.summary_line(machine), flush=True)
     log.info(
         "Devices: %d GPU(s), CPUs %s. %s", len(devices.gpus), devices.cpus, "; ".join(plan.reasons)
     )
@@ -143,6 +145,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     source = data.load_source(
         cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **_data_options(cfg.data)
     )
+    scan_report = source.details.pop("scan", None)
+    if scan_report is not None:
+        runinfo.write_json(run_dir / "scan_report.json", scan_report)
     bundle = data.make_datasets(
         source,
         batch_size=cfg.data.batch_size,
@@ -208,7 +213,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     runinfo.write_json(
         run_dir / "manifest.json",
         runinfo.manifest(
-            devices={"gpus": devices.gpus, "cpus": devices.cpus},
+            devices={"gpus": devices.gpus, "cpus": devices.cpus, "doctor": machine},
             plan={**vars(plan), "attempts": result.attempts},
             data={
                 "source": source.name,

@@ -107,7 +107,7 @@ def test_folder_lists_formats_and_splits_per_class(tmp_path):
 
 def test_folder_uses_given_val_and_test_folders(tmp_path):
     root = write_image_folder(tmp_path / "train", per_class=4)
-    val = write_image_folder(tmp_path / "val", classes=("dog",), per_class=2)
+    val = write_image_folder(tmp_path / "val", classes=("dog",), per_class=2, seed=1)
     src = data.load_source(
         "folder", path=str(root), val_path=str(val), image_size=16, seed=0, test_fraction=0.25
     )
@@ -121,7 +121,7 @@ def test_folder_uses_given_val_and_test_folders(tmp_path):
     [
         ("missing", "is not a folder"),
         ("no_classes", "has no class subfolders"),
-        ("empty_class", "holds no images"),
+        ("empty_class", "hold no usable images"),
         ("bad_val", "has classes \\['wolf'\\]"),
     ],
 )

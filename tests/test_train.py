@@ -97,6 +97,8 @@ def test_manifest_rebuilds_the_splits(tiny_run):
     assert d["fingerprint"].startswith("folder-")
     assert manifest["versions"]["tensorflow"].startswith("2.21")
     assert "git_commit" in manifest and manifest["devices"]["gpus"] == []
+    doctor = manifest["devices"]["doctor"]
+    assert doctor["ok"] is True and doctor["plan"]["precision"]["resolved"] == "float32"
     assert manifest["plan"]["reasons"]
 
 

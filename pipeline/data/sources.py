@@ -185,17 +185,43 @@ def list_image_folder(path: str | os.PathLike) -> tuple[list[str], list[tuple[st
     return classes, files
 
 
-def _decode_file(path: tf.Tensor, label: tf.Tensor, size: int, mode: str):
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+def decode_file(path, use_pil) -> tf.Tensor:
+    """Decodes an image file to uint8 RGB ``[H, W, 3]``.
+
+    Args:
+        path: string tensor.
+        use_pil: bool tensor: decode with Pillow (EXIF orientation, odd BMPs)
+            instead of TensorFlow's decoders; the scan decides per file.
+    """
+
+    def with_pil():
+        from pipeline.data.scan import decode_with_pil
+
+        def decode(p):
+            p = np.asarray(p).item()
+            return decode_with_pil(p.decode() if isinstance(p, bytes) else p)
+
+        image = tf.numpy_function(decode, [path], tf.uint8)
+        return tf.reshape(image, tf.concat([tf.shape(image)[:2], [3]], 0))
+
+    def with_tf():
+        return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+    image = tf.cond(tf.cast(use_pil, tf.bool), with_pil, with_tf)
     image.set_shape([None, None, 3])
-    return resize_image(image, size, mode), label
+    return image
 
 
-def _file_split(files: list[tuple[str, int]], root: Path, size: int, mode: str) -> Split:
-    paths = [f for f, _ in files]
-    labels = np.array([label for _, label in files], dtype=np.int32)
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels)).map(
-        lambda p, y: _decode_file(p, y, size, mode),
+def _decode_file(path, label, use_pil, size: int, mode: str):
+    return resize_image(decode_file(path, use_pil), size, mode), label
+
+
+def _file_split(files: list[tuple[str, int, bool]], root: Path, size: int, mode: str) -> Split:
+    paths = [f for f, _, _ in files]
+    labels = np.array([label for _, label, _ in files], dtype=np.int32)
+    use_pil = np.array([pil for _, _, pil in files], dtype=bool)
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels, use_pil)).map(
+        lambda p, y, pil: _decode_file(p, y, pil, size, mode),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -203,12 +229,30 @@ def _file_split(files: list[tuple[str, int]], root: Path, size: int, mode: str) 
     return Split(images=ds, count=len(paths), members=members)
 
 
-def _fingerprint_files(files: list[tuple[str, int]], extra: str) -> str:
+def _fingerprint_files(files: list, extra: str) -> str:
     h = hashlib.sha256(extra.encode())
-    for f, label in files:
+    for f, label, *_ in files:
         st = os.stat(f)
         h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
     return h.hexdigest()[:16]
+
+
+def _drop_leaks(name: str, split: list, train_hashes: dict, hashes: dict, root: Path) -> tuple:
+    """Removes from a val/test split the images that also appear in train."""
+    kept, leaks = [], []
+    for item in split:
+        twin = train_hashes.get(hashes.get(item[0]))
+        if twin is None:
+            kept.append(item)
+        else:
+            leaks.append(
+                {
+                    "path": os.path.relpath(item[0], root),
+                    "reason": "leakage",
+                    "detail": f"{name} image also in train as {os.path.relpath(twin, root)}",
+                }
+            )
+    return kept, leaks
 
 
 def load_folder(
@@ -221,36 +265,58 @@ def load_folder(
     test_path: str | None = None,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
+    min_size: int = 8,
+    max_pixels: int = 89_478_485,
+    max_bad_fraction: float = 0.01,
+    cache_dir: str | None = "data",
 ) -> Source:
-    """Images in class subfolders, split per class with a seed unless given as folders.
+    """Images in class subfolders, scanned, then split per class with a seed.
+
+    Every file is scanned first (``pipeline.data.scan``): bad files are left
+    where they are, listed in the scan report (``Source.details["scan"]``) and
+    not used. Val/test images identical to a training image are dropped from
+    val/test as leakage.
 
     Raises:
-        PipelineError: a folder is missing or malformed, or a val/test folder
-            has a class the training folder lacks.
+        PipelineError: a folder is missing or malformed, a val/test folder has
+            a class the training folder lacks, or too many files are bad.
     """
+    from pipeline.data import scan
+
     if resize not in RESIZE_MODES:
         raise PipelineError(f"data.resize must be one of {RESIZE_MODES}, got {resize!r}")
     root = Path(path).expanduser()
-    class_names, files = list_image_folder(root)
-    labels = np.array([label for _, label in files])
+    limits = {"min_size": min_size, "max_pixels": max_pixels, "cache_dir": cache_dir}
+    scans = {"train": scan.scan_folder(root, **limits)}
+    class_names = scans["train"].class_names
+    files = scans["train"].good
+    empty = sorted(set(class_names) - {class_names[label] for _, label, _ in files})
+    if empty:
+        raise PipelineError(
+            f"class folder(s) {empty} under {str(root)!r} hold no usable images "
+            f"({', '.join(IMAGE_EXTENSIONS)}; bad files are listed by "
+            "`python -m pipeline.data.scan`). Add images or remove the folder."
+        )
+    labels = np.array([label for _, label, _ in files])
     pool = list(range(len(files)))
-    splits: dict[str, list[tuple[str, int]]] = {}
+    splits: dict[str, list] = {}
     roots: dict[str, Path] = {}
     for name, extra_path, fraction, offset in (
         ("test", test_path, test_fraction, 0),
         ("val", val_path, val_fraction, 1),
     ):
         if extra_path:
-            extra_classes, extra_files = list_image_folder(extra_path)
-            unknown = sorted(set(extra_classes) - set(class_names))
+            extra = scan.scan_folder(extra_path, **limits)
+            unknown = sorted(set(extra.class_names) - set(class_names))
             if unknown:
                 raise PipelineError(
                     f"data.{name}_path={extra_path!r} has classes {unknown} that "
                     f"data.path={path!r} lacks. Both need the same class subfolders."
                 )
-            remap = {i: class_names.index(c) for i, c in enumerate(extra_classes)}
-            splits[name] = [(f, remap[y]) for f, y in extra_files]
+            remap = {i: class_names.index(c) for i, c in enumerate(extra.class_names)}
+            splits[name] = [(f, remap[y], pil) for f, y, pil in extra.good]
             roots[name] = Path(extra_path).expanduser()
+            scans[name] = extra
         else:
             kept, taken = _stratified_split(labels[pool], fraction, seed + offset)
             splits[name] = [files[pool[i]] for i in taken]
@@ -258,6 +324,18 @@ def load_folder(
             roots[name] = root
     splits["train"] = [files[i] for i in pool]
     roots["train"] = root
+    hashes = {p: h for result in scans.values() for p, h in result.hashes.items()}
+    train_hashes = {hashes[f]: f for f, _, _ in splits["train"]}
+    leaks = []
+    for name in ("val", "test"):
+        splits[name], found = _drop_leaks(name, splits[name], train_hashes, hashes, roots[name])
+        leaks += found
+    report = _scan_report(scans, leaks)
+    log.info("%s", "\n".join(scan.summary_table(r) for r in scans.values()))
+    if leaks:
+        log.warning("%d val/test images also appear in train; dropped from val/test", len(leaks))
+    for result in scans.values():
+        scan.check_bad_fraction(result, max_bad_fraction)
     for name in ("train", "val", "test"):
         if not splits[name]:
             raise PipelineError(
@@ -273,8 +351,15 @@ def load_folder(
         test=_file_split(splits["test"], roots["test"], image_size, resize),
         class_names=class_names,
         fingerprint=f"folder-{fp}",
-        details={"path": str(root), "val_path": val_path, "test_path": test_path},
+        details={"path": str(root), "val_path": val_path, "test_path": test_path, "scan": report},
     )
+
+
+def _scan_report(scans: dict, leaks: list) -> dict:
+    """One report for the folders scanned: per folder, plus the leakage found."""
+    report = {name: result.report() for name, result in scans.items()}
+    report["leakage"] = leaks
+    return report
 
 
 def _default_tfds_splits(known: list[str], val_fraction: float) -> tuple[str, str, str]:
