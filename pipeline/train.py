@@ -21,7 +21,14 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("pipeline.train")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-COMMON_DATA_KEYS = ("source", "image_size", "batch_size", "natural_images", "cache_dir")
+COMMON_DATA_KEYS = (
+    "source",
+    "image_size",
+    "batch_size",
+    "natural_images",
+    "cache_dir",
+    "class_weights",
+)
 CHOICES = {
     "trainer.strategy": ("auto", "mirrored", "multi_worker", "one_device", "default"),
     "trainer.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
@@ -46,6 +53,11 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("trainer.epochs", "data.batch_size", "data.image_size"):
         if int(OmegaConf.select(cfg, key)) < 1:
             raise PipelineError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    formats = list(cfg.export.formats or [])
+    if formats:
+        from pipeline import export
+
+        export.check_formats(formats)
     if cfg.optimizer.lr <= 0 or cfg.optimizer.ref_batch < 1:
         raise PipelineError(
             f"optimizer.lr must be > 0 and optimizer.ref_batch >= 1, got "
@@ -148,22 +160,33 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     scan_report = source.details.pop("scan", None)
     if scan_report is not None:
         runinfo.write_json(run_dir / "scan_report.json", scan_report)
+    aug = OmegaConf.to_container(cfg.augment, resolve=True)
     bundle = data.make_datasets(
         source,
         batch_size=cfg.data.batch_size,
         seed=cfg.seed,
-        crop_padding=cfg.augment.crop_padding,
-        flip=cfg.augment.flip,
+        stats_cache_dir=cfg.data.get("cache_dir"),
+        **aug,
     )
+    runinfo.write_json(run_dir / "stats.json", bundle.stats)
     log.info(
-        "Data %s: %s images, %d classes, %s px, mean %s, std %s",
+        "Data %s: %s images, %d classes, %s px, mean %s, std %s%s; class imbalance %.2f (max/min)",
         source.name,
         bundle.counts,
         bundle.num_classes,
         bundle.image_shape,
         [round(m, 4) for m in bundle.mean],
         [round(s, 4) for s in bundle.std],
+        " (cached)" if bundle.stats.get("cached") else "",
+        bundle.stats["imbalance"],
     )
+    weights = None
+    if cfg.data.get("class_weights") == "auto":
+        weights = data.class_weights(bundle.stats["class_counts"], bundle.class_names)
+    elif cfg.data.get("class_weights") is not None:
+        raise PipelineError(
+            f"data.class_weights must be null or auto, got {cfg.data.class_weights!r}"
+        )
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     arch = model_kwargs.pop("arch")
 
@@ -205,6 +228,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         checkpoint_monitor=t.checkpoint_monitor,
         early_stopping=early,
         backup=t.backup,
+        class_weight=weights,
+        confusion_matrix_every=t.confusion_matrix_every,
     )
     result.model.save(run_dir / "model.keras")
     metrics = {**result.metrics, "peak_lr": peak_lr, "wall_time_s": time.perf_counter() - started}
@@ -229,6 +254,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             },
         ),
     )
+    if cfg.export.formats:
+        from pipeline import export
+
+        parity = export.export_run(run_dir, formats=list(cfg.export.formats))
+        metrics["export_max_abs_diff"] = max(
+            (f["max_abs_diff"] for f in parity.get("formats", {}).values()), default=0.0
+        )
+        runinfo.write_json(run_dir / "metrics.json", metrics)
     _print_summary(metrics, run_dir)
     return metrics
 

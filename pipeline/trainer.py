@@ -22,6 +22,7 @@ import keras
 import tensorflow as tf
 
 from pipeline import compat
+from pipeline.callbacks import ConfusionMatrixLogger
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -312,6 +313,9 @@ def _callbacks(
     profile_batches,
     early_stopping: dict | None,
     backup: bool,
+    val_data=None,
+    class_names: list[str] | None = None,
+    confusion_matrix_every: int = 0,
 ) -> tuple[list[keras.callbacks.Callback], EpochStats]:
     stats = EpochStats(images_per_epoch)
     ckpt_dir = run_dir / "checkpoints"
@@ -322,6 +326,17 @@ def _callbacks(
             log_dir=str(run_dir / "tensorboard"),
             profile_batch=tuple(profile_batches) if profile_batches else 0,
         ),
+    ]
+    if confusion_matrix_every:
+        callbacks.append(
+            ConfusionMatrixLogger(
+                val_data,
+                class_names,
+                run_dir / "tensorboard",
+                every_n_epochs=confusion_matrix_every,
+            )
+        )
+    callbacks += [
         keras.callbacks.ModelCheckpoint(
             str(ckpt_dir / "best.weights.h5"),
             monitor=checkpoint_monitor,
@@ -344,6 +359,27 @@ def _callbacks(
     return callbacks, stats
 
 
+def image_grid(images, columns: int = 8) -> tf.Tensor:
+    """Tiles ``[N, H, W, 3]`` 0..255 images into one ``[1, rows*H, columns*W, 3]`` uint8 image."""
+    images = tf.cast(tf.clip_by_value(images, 0, 255), tf.uint8)
+    n, h, w = images.shape[0], images.shape[1], images.shape[2]
+    rows = -(-n // columns)
+    pad = rows * columns - n
+    images = tf.concat([images, tf.zeros([pad, h, w, 3], tf.uint8)], 0)
+    grid = tf.reshape(images, [rows, columns, h, w, 3])
+    grid = tf.reshape(tf.transpose(grid, [0, 2, 1, 3, 4]), [1, rows * h, columns * w, 3])
+    return grid
+
+
+def write_preview(preview: tf.data.Dataset, log_dir: Path) -> None:
+    """Logs a grid of augmented training images to TensorBoard (Images tab)."""
+    images, _ = next(iter(preview))
+    writer = tf.summary.create_file_writer(str(log_dir / "train"))
+    with writer.as_default():
+        tf.summary.image("augmented_training_images", image_grid(images), step=0)
+    writer.flush()
+
+
 def fit(
     *,
     strategy: tf.distribute.Strategy,
@@ -363,6 +399,7 @@ def fit(
     early_stopping: dict | None = None,
     backup: bool = True,
     class_weight: dict | None = None,
+    confusion_matrix_every: int = 0,
 ) -> FitResult:
     """Trains ``build_model()`` on ``data`` and evaluates it on val and test.
 
@@ -386,6 +423,8 @@ def fit(
         early_stopping: ``{"monitor", "patience"}`` or None.
         backup: keep a BackupAndRestore backup under ``run_dir/backup``.
         class_weight: per-class loss weights, or None.
+        confusion_matrix_every: epochs between validation confusion-matrix
+            images in TensorBoard; 0 turns them off.
 
     Returns:
         A ``FitResult``.
@@ -416,7 +455,11 @@ def fit(
         profile_batches=profile_batches,
         early_stopping=early_stopping,
         backup=backup,
+        val_data=data.val,
+        class_names=data.class_names,
+        confusion_matrix_every=confusion_matrix_every,
     )
+    write_preview(data.preview, run_dir / "tensorboard")
     start = time.perf_counter()
     history = model.fit(
         data.train,

@@ -38,6 +38,7 @@ def test_defaults_train_the_cnn_on_digits():
     assert cfg.data.source == "digits"
     assert cfg.model.arch == "cnn"
     assert cfg.augment.flip is False  # digits are not mirror-symmetric
+    assert compose(["augment=mixup"]).augment.mixup_alpha == 0.2
     assert compose(["data=folder", "data.path=/x"]).augment.flip is True
 
 

@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from conftest import write_image_folder
 from pipeline import data
+from pipeline.data import augment
 from pipeline.data.sources import resize_image
 from pipeline.errors import PipelineError
 
@@ -61,10 +62,10 @@ def test_crop_padding_shifts_images_and_flip_mirrors():
     image = np.zeros((8, 8, 3), np.uint8)
     image[:, :4] = 255
     src_ds = tf.data.Dataset.from_tensors((image, np.int32(0))).repeat(64)
-    flip = data._augment_fn(8, crop_padding=0, flip=True)
+    flip = augment.crop_flip_fn(8, crop_padding=0, flip=True)
     flipped = [flip(x, y)[0].numpy() for x, y in src_ds]
     assert any(f[0, 0, 0] == 0 for f in flipped) and any(f[0, 0, 0] == 255 for f in flipped)
-    crop = data._augment_fn(32, crop_padding=4, flip=False)  # 4 px at 32 px
+    crop = augment.crop_flip_fn(32, crop_padding=4, flip=False)  # 4 px at 32 px
     big = np.full((32, 32, 3), 255, np.uint8)
     crops = [crop(big, 0)[0].numpy() for _ in range(20)]
     assert all(c.shape == (32, 32, 3) for c in crops)
@@ -166,3 +167,44 @@ def test_tfds_unknown_name_is_clear(tmp_path):
         data.load_source(
             "tfds", name="no_such_dataset_xyz", image_size=16, seed=0, cache_dir=str(tmp_path)
         )
+
+
+def test_stats_are_cached_by_fingerprint(tmp_path):
+    src = _digits()
+    first = data.make_datasets(src, batch_size=32, seed=0, stats_cache_dir=str(tmp_path))
+    again = data.make_datasets(src, batch_size=32, seed=0, stats_cache_dir=str(tmp_path))
+    assert first.stats["cached"] is False and again.stats["cached"] is True
+    assert again.mean == first.mean and again.std == first.std
+    counts = first.stats["class_counts"]
+    assert sum(counts.values()) == src.train.count and set(counts) == set(src.class_names)
+    assert list(tmp_path.glob("stats/*.json"))
+
+
+def test_class_weights_balance_the_classes():
+    weights = data.class_weights({"a": 30, "b": 10}, ["a", "b"])
+    assert weights == pytest.approx({0: 40 / 60, 1: 40 / 20})
+    assert 30 * weights[0] == pytest.approx(10 * weights[1])
+    with pytest.raises(PipelineError, match=r"classes \['c'\] have no training images"):
+        data.class_weights({"a": 3}, ["a", "c"])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"randaugment": {"num_ops": 2, "factor": 0.5}},
+        {"mixup_alpha": 0.4},
+        {"cutmix_alpha": 1.0},
+        {"mixup_alpha": 0.2, "cutmix_alpha": 1.0},
+    ],
+    ids=["randaugment", "mixup", "cutmix", "mixup+cutmix"],
+)
+def test_batch_augmentations_keep_shapes_and_label_mass(kwargs):
+    bundle = data.make_datasets(_digits(), batch_size=16, seed=0, crop_padding=4, **kwargs)
+    x, y = next(iter(bundle.train))
+    assert x.shape == (16, 16, 16, 3) and x.dtype == tf.float32 and y.shape == (16, 10)
+    assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 255.0
+    np.testing.assert_allclose(tf.reduce_sum(y, axis=1), np.ones(16), atol=1e-5)
+    if "mixup_alpha" in kwargs or "cutmix_alpha" in kwargs:
+        assert float(tf.reduce_max(y)) < 1.0 or len(np.unique(y.numpy())) > 2  # labels mixed
+    preview, _ = next(iter(bundle.preview))
+    assert preview.shape[0] == 32 and preview.shape[1:] == (16, 16, 3)

@@ -1,0 +1,550 @@
+"""Measure training throughput piece by piece: ``python -m pipeline.bench [overrides]``.
+
+Each measurement is the median images/s of ``bench.windows`` timed windows of
+``bench.steps`` batches, after ``bench.warmup_steps`` untimed ones:
+
+- ``pipeline``: iterating the training set alone (cache, shuffle, augment,
+  batch, prefetch), repeated over as many epochs as it takes;
+- ``synthetic``: ``model.fit`` on one batch of random tensors held in memory,
+  repeated: what the model, optimizer and devices do with no input to wait for;
+- ``end_to_end``: ``model.fit`` on the training set, as ``pipeline.train``
+  runs it (validation excluded, as in its images/s);
+- ``keras_fit``: ``model.fit`` on training images held in memory as float
+  tensors (``from_tensor_slices``): plain Keras, the baseline of our overhead.
+
+The ratios say where the time goes: ``end_to_end/synthetic`` below 1 means
+steps wait for input; ``end_to_end/keras_fit`` compares our pipeline with
+plain Keras; ``pipeline/synthetic`` says how many times faster the input runs
+than training consumes it. The model and optimizer are built as training
+builds them (``trainer.build_compiled``, pre-flight off). The channel
+statistics pass fills the training set's in-memory cache before any window,
+so every number is the steady state of epochs after the first.
+
+    python -m pipeline.bench data=folder data.path=/my/images model=resnet20 data.image_size=32
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import hydra
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import PipelineError
+from pipeline.train import (
+    CONF_DIR,
+    _data_options,
+    _optimizer_factory,
+    _prepare_run_dir,
+    check_config,
+)
+
+log = logging.getLogger("pipeline.bench")
+
+MEASUREMENTS = ("pipeline", "synthetic", "end_to_end", "keras_fit")
+RATIOS = {  # name: (numerator, denominator, what it says)
+    "end_to_end/synthetic": (
+        "end_to_end",
+        "synthetic",
+        "input stall: below 1, steps wait for data",
+    ),
+    "end_to_end/keras_fit": ("end_to_end", "keras_fit", "against plain Keras on in-memory tensors"),
+    "pipeline/synthetic": ("pipeline", "synthetic", "times faster the input runs than training"),
+}
+IN_MEMORY_BYTES = 256 * 2**20  # float32 images kept for keras_fit; a tf.data constant stays < 2 GB
+
+
+def check_bench(bench_cfg: DictConfig) -> None:
+    """Checks the ``bench.*`` keys.
+
+    Raises:
+        PipelineError: naming the key, the value received and what is valid.
+    """
+    for key, least in (("warmup_steps", 0), ("steps", 1), ("windows", 1)):
+        if int(bench_cfg[key]) < least:
+            raise PipelineError(f"bench.{key} must be >= {least}, got {bench_cfg[key]}")
+    which = list(bench_cfg.which)
+    unknown = [w for w in which if w not in MEASUREMENTS]
+    if unknown or not which:
+        raise PipelineError(
+            f"bench.which must list some of {', '.join(MEASUREMENTS)}; got {which}. "
+            "E.g. bench.which=[pipeline,end_to_end]"
+        )
+    if bench_cfg.synthetic_data and (
+        bench_cfg.synthetic_images < 1 or bench_cfg.synthetic_classes < 2
+    ):
+        raise PipelineError(
+            f"bench.synthetic_images must be >= 1 and bench.synthetic_classes >= 2, got "
+            f"{bench_cfg.synthetic_images} and {bench_cfg.synthetic_classes}"
+        )
+
+
+def bench(cfg: DictConfig, run_dir=None) -> dict:
+    """Measures the images/s of the input pipeline, the training step and ``fit``.
+
+    Args:
+        cfg: the composed config (``conf/bench.yaml`` plus overrides).
+        run_dir: where ``bench.json`` goes; defaults to Hydra's output dir.
+
+    Returns:
+        The results (also written to ``<run_dir>/bench.json``): ``images_per_sec``
+        (median per measurement), ``windows`` (each window's images/s), ``ratios``,
+        ``plan`` (effective strategy, replicas, precision, XLA), ``settings`` and ``data``.
+
+    Raises:
+        PipelineError: a problem with the config, data or files.
+    """
+    check_config(cfg)
+    check_bench(cfg.bench)
+    run_dir = _prepare_run_dir(cfg, run_dir)
+
+    from pipeline import runinfo
+
+    strategy, plan, devices = _setup(cfg)
+    bundle, prepare_s = _load_bundle(cfg)
+    model = _build_model(cfg, bundle, strategy, plan)
+    timing = {
+        "warmup_steps": int(cfg.bench.warmup_steps),
+        "steps": int(cfg.bench.steps),
+        "windows": int(cfg.bench.windows),
+    }
+    which = [m for m in MEASUREMENTS if m in cfg.bench.which]
+    weights = _class_weight(cfg, bundle)
+    result = summarize({name: _measure(name, model, bundle, timing, weights) for name in which})
+    result.update(
+        plan={
+            "strategy": plan.strategy,
+            "num_replicas": int(strategy.num_replicas_in_sync),
+            "precision": plan.precision,
+            "jit_compile": plan.jit_compile,
+            "reasons": plan.reasons,
+            "gpus": len(devices.gpus),
+        },
+        settings={
+            **timing,
+            "batch_size": bundle.batch_size,
+            "steps_per_execution": int(cfg.trainer.steps_per_execution),
+            "model": cfg.model.arch,
+            "keras_fit_images": _in_memory_count(bundle) if "keras_fit" in which else None,
+        },
+        data={
+            "source": bundle.source.name,
+            "image_shape": list(bundle.image_shape),
+            "num_classes": bundle.num_classes,
+            "train_images": bundle.counts["train"],
+            "steps_per_epoch": bundle.steps_per_epoch(),
+            "prepare_s": prepare_s,
+        },
+    )
+    out = Path(run_dir) / "bench.json"
+    runinfo.write_json(out, result)
+    print(format_table(result))
+    print(f"bench.json: {out}", flush=True)
+    return result
+
+
+def _setup(cfg: DictConfig):
+    """Devices, plan and strategy, as ``pipeline.train`` sets them up."""
+    from pipeline import models, trainer
+
+    t = cfg.trainer
+    devices = trainer.setup_devices(
+        logical_cpus=t.logical_cpus, deterministic=t.deterministic, seed=cfg.seed
+    )
+    try:
+        models.get_model(cfg.model.arch)  # an unknown name fails before data loading
+    except ValueError as err:
+        raise PipelineError(f"model.arch: {err}") from err
+    plan = trainer.plan(
+        strategy=t.strategy, precision=t.precision, jit_compile=t.jit_compile, devices=devices
+    )
+    strategy = trainer.make_strategy(plan.strategy, devices)
+    print(f"Plan: {'; '.join(plan.reasons) or 'as configured'}", flush=True)
+    return strategy, plan, devices
+
+
+def _load_bundle(cfg: DictConfig):
+    """The training data as ``pipeline.train`` builds it, or random images; and seconds taken.
+
+    The channel statistics are computed afresh (not read from the statistics
+    cache): their pass over the training split fills its in-memory cache, so
+    that every window measures the steady state of the epochs after the first.
+    """
+    from pipeline import data
+
+    started = time.perf_counter()
+    b = cfg.bench
+    if b.synthetic_data:
+        source = synthetic_source(
+            image_size=cfg.data.image_size,
+            num_classes=b.synthetic_classes,
+            count=b.synthetic_images,
+            seed=cfg.seed,
+        )
+    else:
+        print(f"Loading data.source={cfg.data.source} ...", flush=True)
+        options = _data_options(cfg.data)
+        source = data.load_source(
+            cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **options
+        )
+        source.details.pop("scan", None)  # pipeline.train and pipeline.data.scan report it
+    bundle = data.make_datasets(
+        source,
+        batch_size=cfg.data.batch_size,
+        seed=cfg.seed,
+        stats_cache_dir=None,  # the statistics pass is what fills the decoded-image cache
+        **OmegaConf.to_container(cfg.augment, resolve=True),
+    )
+    prepare_s = time.perf_counter() - started
+    print(
+        f"Data {source.name}: {bundle.counts['train']} training images, {bundle.num_classes} "
+        f"classes, {bundle.image_shape} px; decoded and cached in {prepare_s:.1f} s",
+        flush=True,
+    )
+    return bundle, prepare_s
+
+
+def _build_model(cfg: DictConfig, bundle, strategy, plan):
+    """The compiled model, built as ``pipeline.train`` builds it, without the pre-flight step."""
+    from pipeline import models, trainer
+
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    arch = model_kwargs.pop("arch")
+
+    def build_model():
+        try:
+            return models.build(
+                arch,
+                num_classes=bundle.num_classes,
+                input_shape=bundle.image_shape,
+                mean=bundle.mean,
+                std=bundle.std,
+                **model_kwargs,
+            )
+        except (ValueError, FileNotFoundError, TypeError) as err:
+            raise PipelineError(f"model={arch}: {err}") from err
+
+    build_optimizer, _ = _optimizer_factory(
+        cfg.optimizer,
+        schedule_cfg=cfg.schedule,
+        global_batch=cfg.data.batch_size,
+        steps_per_epoch=bundle.steps_per_epoch(),
+        epochs=cfg.trainer.epochs,
+    )
+    print(
+        f"Building model={arch} ({plan.strategy}, {plan.precision}, XLA {plan.jit_compile})",
+        flush=True,
+    )
+    model, _ = trainer.build_compiled(
+        strategy=strategy,
+        plan=plan,
+        build_model=build_model,
+        build_optimizer=build_optimizer,
+        preflight_data=None,
+        seed=cfg.seed,
+        compile_kwargs={
+            "label_smoothing": float(cfg.trainer.label_smoothing),
+            "steps_per_execution": int(cfg.trainer.steps_per_execution),
+            "num_classes": bundle.num_classes,
+        },
+    )
+    return model
+
+
+def _class_weight(cfg: DictConfig, bundle) -> dict | None:
+    """The loss weights training passes to ``fit`` (``data.class_weights=auto``), or None."""
+    if cfg.data.get("class_weights") != "auto":
+        return None
+    from pipeline import data
+
+    return data.class_weights(bundle.stats["class_counts"], bundle.class_names)
+
+
+def _measure(name: str, model, bundle, timing: dict, class_weight: dict | None) -> list[float]:
+    """Each window's images/s of one of ``MEASUREMENTS``."""
+    print(
+        f"{name}: {timing['warmup_steps']} warm-up steps, then {timing['windows']} windows "
+        f"of {timing['steps']} steps",
+        flush=True,
+    )
+    if name == "pipeline":
+        return measure_iteration(bundle.train, label=name, **timing)
+    dataset, steps_per_epoch, count = _fit_input(name, bundle)
+    return measure_fit(
+        model,
+        dataset,
+        label=name,
+        batch_size=bundle.batch_size,
+        steps_per_epoch=steps_per_epoch,
+        count=count,
+        class_weight=class_weight,
+        **timing,
+    )
+
+
+def synthetic_source(*, image_size: int, num_classes: int, count: int, seed: int):
+    """A ``Source`` of random uint8 images held in memory (``bench.synthetic_data``).
+
+    Args:
+        image_size: height and width in pixels.
+        num_classes: classes, drawn uniformly.
+        count: training images; val and test hold the first 64 of them.
+        seed: NumPy seed.
+
+    Returns:
+        A ``pipeline.data.sources.Source`` named ``synthetic``.
+    """
+    import tensorflow as tf
+
+    from pipeline.data.sources import Source, Split
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (count, image_size, image_size, 3), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, count).astype(np.int32)
+
+    def split(n):
+        ds = tf.data.Dataset.from_tensor_slices((images[:n], labels[:n]))
+        return Split(images=ds, count=n, members=list(range(n)))
+
+    return Source(
+        name="synthetic",
+        train=split(count),
+        val=split(min(count, 64)),
+        test=split(min(count, 64)),
+        class_names=[f"class_{i}" for i in range(num_classes)],
+        fingerprint=f"synthetic-{image_size}-{num_classes}-{count}-{seed}",
+    )
+
+
+def _in_memory_count(bundle) -> int:
+    per_image = 4 * math.prod(bundle.image_shape)
+    cap = max(bundle.batch_size, IN_MEMORY_BYTES // per_image)
+    return min(bundle.counts["train"], cap)
+
+
+def _fit_input(name: str, bundle):
+    """The dataset ``fit`` runs on for a measurement: ``(dataset, steps_per_epoch, count)``.
+
+    ``steps_per_epoch`` and ``count`` describe a finite dataset (its last batch
+    may be short); an endless one gets ``(dataset, None, None)``.
+    """
+    import tensorflow as tf
+
+    if name == "end_to_end":
+        return bundle.train, bundle.steps_per_epoch(), bundle.counts["train"]
+    if name == "synthetic":
+        rng = np.random.default_rng(0)
+        shape = (bundle.batch_size, *bundle.image_shape)
+        images = rng.uniform(0, 255, shape).astype(np.float32)
+        labels = np.eye(bundle.num_classes, dtype=np.float32)[
+            rng.integers(0, bundle.num_classes, bundle.batch_size)
+        ]
+        return tf.data.Dataset.from_tensors((images, labels)).repeat(), None, None
+    # keras_fit: the training images as the pipeline yields them (float32, one-hot), in memory
+    wanted = _in_memory_count(bundle)
+    xs, ys, kept = [], [], 0
+    for x, y in bundle.train:
+        xs.append(x.numpy())
+        ys.append(y.numpy())
+        kept += len(xs[-1])
+        if kept >= wanted:
+            break
+    images, labels = np.concatenate(xs)[:wanted], np.concatenate(ys)[:wanted]
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+    return dataset.batch(bundle.batch_size).prefetch(tf.data.AUTOTUNE), None, None
+
+
+def measure_iteration(
+    dataset, *, warmup_steps: int, steps: int, windows: int, label: str = "pipeline"
+) -> list[float]:
+    """Images/s of iterating ``dataset`` (batches of ``(images, labels)``), repeated.
+
+    Args:
+        dataset: batched ``tf.data.Dataset``; repeated so that it never runs out.
+        warmup_steps: batches taken before timing.
+        steps: batches per window.
+        windows: windows timed.
+        label: shown in the progress lines.
+
+    Returns:
+        Each window's images/s.
+    """
+    iterator = iter(dataset.repeat())
+    for _ in range(warmup_steps):
+        next(iterator)
+    rates = []
+    for k in range(1, windows + 1):
+        images, start = 0, time.perf_counter()
+        for _ in range(steps):
+            images += int(next(iterator)[0].shape[0])
+        rates.append(images / max(time.perf_counter() - start, 1e-9))
+        _progress(label, k, windows, rates[-1])
+    return rates
+
+
+def measure_fit(
+    model,
+    dataset,
+    *,
+    warmup_steps: int,
+    steps: int,
+    windows: int,
+    batch_size: int,
+    steps_per_epoch: int | None = None,
+    count: int | None = None,
+    class_weight: dict | None = None,
+    label: str = "fit",
+) -> list[float]:
+    """Images/s of ``model.fit`` on ``dataset``, timed per window by a callback.
+
+    Args:
+        model: a compiled Keras model.
+        dataset: batched ``tf.data.Dataset``: finite (epochs follow one
+            another, as in training) or endless.
+        warmup_steps: training steps before timing.
+        steps: training steps per window.
+        windows: windows timed.
+        batch_size: global batch size.
+        steps_per_epoch: batches in one pass of a finite ``dataset``, else None.
+        count: examples in one pass of a finite ``dataset`` (sizes its last batch).
+        class_weight: per-class loss weights, as training passes them, or None.
+        label: shown in the progress lines.
+
+    Returns:
+        Each window's images/s.
+    """
+    total = warmup_steps + steps * windows
+    if steps_per_epoch:
+        last = count - (steps_per_epoch - 1) * batch_size
+
+        def images_of(step):
+            return last if step == steps_per_epoch - 1 else batch_size
+
+        fit_args = {"epochs": -(-total // steps_per_epoch) + 1}  # stopped by the timer
+    else:
+
+        def images_of(step):
+            return batch_size
+
+        fit_args = {"epochs": 1, "steps_per_epoch": total}
+    timer = _window_timer(
+        warmup_steps=warmup_steps, steps=steps, windows=windows, images_of=images_of, label=label
+    )
+    model.fit(
+        dataset,
+        callbacks=[timer],
+        verbose=0,
+        shuffle=False,
+        class_weight=class_weight,
+        **fit_args,
+    )
+    if len(timer.rates) < windows:
+        raise PipelineError(
+            f"{label}: fit ended after {len(timer.rates)} of {windows} windows; lower "
+            "bench.steps or bench.windows."
+        )
+    return timer.rates
+
+
+def _window_timer(*, warmup_steps, steps, windows, images_of: Callable[[int], int], label):
+    """A Keras callback timing windows of training steps; it stops ``fit`` after the last.
+
+    Keras turns each step's logs into Python numbers before ``on_train_batch_end``
+    (the TensorFlow backend dispatches callbacks synchronously), so a timestamp
+    taken there follows the step's completion.
+    """
+    import keras
+
+    class WindowTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rates: list[float] = []
+            self._done = 0  # steps finished, over all epochs
+            self._images = 0  # since the window began
+            self._start = None
+            self._begin = 0
+
+        def on_train_begin(self, logs=None):
+            if warmup_steps == 0:
+                self._start = time.perf_counter()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            self._begin = batch
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.perf_counter()
+            self._done += batch - self._begin + 1  # steps_per_execution steps per call
+            if self._start is None:
+                if self._done >= warmup_steps:
+                    self._start = now
+                return
+            self._images += sum(images_of(s) for s in range(self._begin, batch + 1))
+            if self._done >= warmup_steps + steps * (len(self.rates) + 1):
+                self.rates.append(self._images / max(now - self._start, 1e-9))
+                _progress(label, len(self.rates), windows, self.rates[-1])
+                self._start, self._images = now, 0
+                if len(self.rates) == windows:
+                    self.model.stop_training = True
+
+    return WindowTimer()
+
+
+def _progress(label: str, k: int, windows: int, rate: float) -> None:
+    print(f"  {label}: window {k}/{windows}: {rate:,.0f} images/s", flush=True)
+
+
+def summarize(windows: dict[str, list[float]]) -> dict:
+    """Medians and ratios of per-window images/s.
+
+    Args:
+        windows: measurement name -> each window's images/s.
+
+    Returns:
+        ``{"images_per_sec": {name: median}, "windows": windows, "ratios":
+        {"a/b": median a / median b or None when either is missing}}``.
+    """
+    medians = {name: statistics.median(rates) for name, rates in windows.items()}
+    ratios = {}
+    for name, (top, bottom, _) in RATIOS.items():
+        ok = top in medians and bottom in medians and medians[bottom] > 0
+        ratios[name] = medians[top] / medians[bottom] if ok else None
+    return {"images_per_sec": medians, "windows": windows, "ratios": ratios}
+
+
+def format_table(result: dict) -> str:
+    """The console summary of ``bench``'s result."""
+    rates, s, p = result["images_per_sec"], result["settings"], result["plan"]
+    rows = [(name, f"{rate:,.0f} images/s") for name, rate in rates.items()]
+    for name, value in result["ratios"].items():
+        if value is not None:
+            rows.append((name, f"{value:.2f}  ({RATIOS[name][2]})"))
+    rows += [
+        ("strategy / replicas", f"{p['strategy']} / {p['num_replicas']}"),
+        ("precision / XLA", f"{p['precision']} / {p['jit_compile']}"),
+        ("batch", f"{s['batch_size']} global, steps_per_execution {s['steps_per_execution']}"),
+        ("windows", f"median of {s['windows']} x {s['steps']} steps after {s['warmup_steps']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows) + "\n"
+
+
+@hydra.main(config_path=CONF_DIR, config_name="bench", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (see ``conf/bench.yaml``)."""
+    try:
+        bench(cfg)
+    except PipelineError as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Training-time augmentation inside tf.data, on the CPU.
+
+Per image: random crop after zero padding, horizontal flip (``tf.image``: a
+fresh offset per image, where Keras's ``RandomCrop`` draws one per batch). Per
+batch: Keras 3's own ``RandAugment``, ``MixUp`` and ``CutMix`` layers, which
+run in tf.data on any backend's behalf. MixUp and CutMix mix one-hot labels.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+
+def crop_flip_fn(image_size: int, crop_padding: int, flip: bool, seed: int | None = None):
+    """Per-image random crop (``crop_padding`` px at 32 px, scaled) and flip."""
+    pad = int(round(crop_padding * image_size / 32))
+
+    def augment(image, label):
+        if pad > 0:
+            image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+            image = tf.image.random_crop(image, [image_size, image_size, 3], seed=seed)
+        if flip:
+            image = tf.image.random_flip_left_right(image, seed=seed)
+        return image, label
+
+    return augment
+
+
+def batch_fn(
+    *,
+    randaugment: dict | None = None,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    seed: int | None = None,
+):
+    """Per-batch augmentation on float32 0..255 images and one-hot labels, or None.
+
+    Args:
+        randaugment: ``{"num_ops", "factor"}`` for Keras's RandAugment, or None.
+        mixup_alpha: Beta(alpha, alpha) mixing of image pairs; 0 turns it off.
+        cutmix_alpha: CutMix's factor; 0 turns it off. With both on, each batch
+            gets one of the two at random (as timm does).
+        seed: layer seeds.
+    """
+    import keras
+
+    if mixup_alpha < 0 or cutmix_alpha < 0:
+        raise ValueError(f"mixup/cutmix alpha must be >= 0, got {mixup_alpha}, {cutmix_alpha}")
+    rand = None
+    if randaugment:
+        rand = keras.layers.RandAugment(
+            value_range=(0, 255),
+            num_ops=int(randaugment.get("num_ops", 2)),
+            factor=float(randaugment.get("factor", 0.5)),
+            seed=seed,
+        )
+    mixup = keras.layers.MixUp(alpha=mixup_alpha, seed=seed) if mixup_alpha > 0 else None
+    cutmix = keras.layers.CutMix(factor=cutmix_alpha, seed=seed) if cutmix_alpha > 0 else None
+    if not (rand or mixup or cutmix):
+        return None
+
+    def mix(layer, images, labels):
+        out = layer({"images": images, "labels": labels}, training=True)
+        return out["images"], tf.cast(out["labels"], labels.dtype)
+
+    def augment(images, labels):
+        if rand is not None:
+            images = tf.clip_by_value(rand(images, training=True), 0.0, 255.0)
+        if mixup is not None and cutmix is not None:
+            images, labels = tf.cond(
+                tf.random.uniform([], seed=seed) < 0.5,
+                lambda: mix(mixup, images, labels),
+                lambda: mix(cutmix, images, labels),
+            )
+        elif mixup is not None:
+            images, labels = mix(mixup, images, labels)
+        elif cutmix is not None:
+            images, labels = mix(cutmix, images, labels)
+        return images, labels
+
+    return augment

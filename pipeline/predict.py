@@ -1,0 +1,285 @@
+"""Classify images: ``python -m pipeline.predict MODEL IMAGE_OR_FOLDER... [--top-k 5]``.
+
+MODEL is one of:
+
+- a training run's directory: its ``model.keras``, with the class names, image
+  size and resize mode the run recorded;
+- a ``.keras`` file: class names, image size and resize mode from the
+  ``class_names.json`` that ``pipeline.export`` writes beside it; without one,
+  classes are numbered and images are center-cropped (``crop``);
+- an exported SavedModel directory (``python -m pipeline.export``).
+
+Folders are searched recursively for images (jpg, jpeg, png, bmp, gif). Every
+file is read with Pillow (converted to RGB, the first frame of a GIF), resized
+to the model's input as in training, and classified in batches. A file that
+cannot be read gets a row with its error and the rest go on. The exit code is 0
+when at least one image was classified, 1 when none was, 2 for a bad MODEL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+BATCH_SIZE = 64  # images per model call
+OUTPUT_FORMATS = ("table", "json", "csv")
+DEFAULT_RESIZE = "crop"  # for a .keras file without class_names.json: data.resize's default
+
+
+@dataclass
+class Predictor:
+    """A model ready to classify uint8 images.
+
+    Attributes:
+        class_names: the model's classes, in output order.
+        image_size: height and width the model takes.
+        resize: how images of other sizes are brought to ``image_size``.
+        probabilities: uint8 ``[N, S, S, 3]`` -> float ``[N, C]``.
+    """
+
+    class_names: list[str]
+    image_size: int
+    resize: str
+    probabilities: Callable[[np.ndarray], np.ndarray]
+
+
+def load_predictor(model_path) -> Predictor:
+    """Loads MODEL: a run directory, a ``.keras`` file or a SavedModel directory.
+
+    Raises:
+        PipelineError: the path is none of these, or the model cannot be loaded.
+    """
+    path = Path(model_path).expanduser()
+    if path.is_dir() and (path / "manifest.json").is_file():
+        return _run_predictor(path)
+    if path.is_dir() and (path / "saved_model.pb").is_file():
+        return _saved_model_predictor(path)
+    if path.is_file() and path.suffix == ".keras":
+        info_file = path.parent / "class_names.json"
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        if isinstance(info, list):
+            info = {"class_names": info}
+        return _keras_predictor(path, info.get("class_names"), info.get("resize", DEFAULT_RESIZE))
+    raise PipelineError(
+        f"MODEL={str(model_path)!r} is not a training run directory (with manifest.json), a "
+        ".keras file or a SavedModel directory (with saved_model.pb)."
+    )
+
+
+def _run_predictor(path: Path) -> Predictor:
+    from pipeline.evaluate import load_run
+
+    run = load_run(path)
+    if not (path / "model.keras").is_file():
+        raise PipelineError(f"{path} has no model.keras: did training finish?")
+    return _keras_predictor(path / "model.keras", run.class_names, run.resize)
+
+
+def _keras_predictor(path: Path, class_names: list[str] | None, resize: str) -> Predictor:
+    import keras
+
+    import pipeline.models  # noqa: F401  (registers our layers and schedule for loading)
+
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as err:  # Keras raises many types for a file it cannot read
+        raise PipelineError(f"cannot load the Keras model {str(path)!r}: {err}") from err
+    _, height, width, _ = model.input_shape
+    num_classes = model.output_shape[-1]
+    if not height or height != width:
+        raise PipelineError(
+            f"{path} takes images of shape {model.input_shape}; square images of a fixed size "
+            "are needed."
+        )
+    class_names = class_names or [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise PipelineError(
+            f"{path} has {num_classes} outputs but {len(class_names)} class names "
+            f"({class_names}): the class_names.json beside it belongs to another model."
+        )
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        logits = model(images.astype(np.float32), training=False)
+        return keras.ops.convert_to_numpy(keras.ops.softmax(keras.ops.cast(logits, "float32")))
+
+    return Predictor(list(class_names), int(height), resize, probabilities)
+
+
+def _saved_model_predictor(path: Path) -> Predictor:
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(path))
+        serve = loaded.signatures["serving_default"]
+        class_names = [c.decode() for c in loaded.class_names.numpy()]
+        image_size = int(loaded.image_size.numpy())
+        resize = loaded.resize.numpy().decode()
+    except (AttributeError, KeyError) as err:
+        raise PipelineError(
+            f"{path} is a SavedModel without pipeline's serving signature and class names "
+            f"({err}); export one with python -m pipeline.export."
+        ) from err
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        return serve(images=tf.constant(images, tf.uint8))["probabilities"].numpy()
+
+    return Predictor(class_names, image_size, resize, probabilities)
+
+
+def list_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
+    """Expands folders into their image files, in order.
+
+    Returns:
+        ``(path, error)`` pairs: ``error`` is None for a file to read, or why
+        the input gives no image (missing path, folder without images).
+    """
+    from pipeline.data.sources import IMAGE_EXTENSIONS
+
+    found = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_EXTENSIONS
+                and not p.name.startswith(".")
+            )
+            if not files:
+                found.append((item, f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in folder"))
+            found.extend((str(f), None) for f in files)
+        elif path.is_file():
+            found.append((item, None))
+        else:
+            found.append((item, "no such file or folder"))
+    return found
+
+
+def read_image(path: str) -> np.ndarray:
+    """Reads an image file as uint8 RGB ``[H, W, 3]``, decoded as training decodes it.
+
+    A GIF gives its first frame; EXIF orientation is applied; 16-bit and CMYK
+    images become 8-bit RGB.
+    """
+    from pipeline.data.scan import decode_with_pil
+
+    return decode_with_pil(path)
+
+
+def predict(model_path, inputs: list[str], *, top_k: int = 5, batch_size: int = BATCH_SIZE):
+    """Classifies every image in ``inputs``.
+
+    Args:
+        model_path: MODEL (see the module docstring).
+        inputs: image files and folders.
+        top_k: classes reported per image (at most the number of classes).
+        batch_size: images per model call.
+
+    Returns:
+        One dict per file, in order: ``{"file", "predictions": [{"class",
+        "probability"}, ...], "error"}``; ``error`` is None, or why the file
+        could not be classified (then ``predictions`` is empty).
+
+    Raises:
+        PipelineError: MODEL cannot be loaded, or a bad ``top_k``/``batch_size``.
+    """
+    if top_k < 1 or batch_size < 1:
+        raise PipelineError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
+    predictor = load_predictor(model_path)
+    from pipeline.data.sources import resize_image
+
+    rows = [{"file": f, "predictions": [], "error": e} for f, e in list_inputs(inputs)]
+    pending = [row for row in rows if row["error"] is None]
+    k = min(top_k, len(predictor.class_names))
+    for start in range(0, len(pending), batch_size):
+        batch, images = [], []
+        for row in pending[start : start + batch_size]:
+            try:
+                image = read_image(row["file"])
+                images.append(resize_image(image, predictor.image_size, predictor.resize).numpy())
+                batch.append(row)
+            except Exception as err:  # Pillow raises many types for broken files
+                row["error"] = f"cannot read image: {err}"
+        if not batch:
+            continue
+        probabilities = predictor.probabilities(np.stack(images))
+        for row, probs in zip(batch, probabilities, strict=True):
+            best = np.argsort(-probs, kind="stable")[:k]
+            row["predictions"] = [
+                {"class": predictor.class_names[i], "probability": float(probs[i])} for i in best
+            ]
+    return rows
+
+
+def format_rows(rows: list[dict], output_format: str) -> str:
+    """Renders rows as an aligned table, JSON or CSV (one line per file)."""
+    k = max((len(r["predictions"]) for r in rows), default=0)
+    header = ["file"] + [f"{name}_{i + 1}" for i in range(k) for name in ("class", "probability")]
+    if output_format == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    table = []
+    for row in rows:
+        cells = [row["file"]]
+        for p in row["predictions"]:
+            cells += [p["class"], f"{p['probability']:.4f}"]
+        table.append(cells)
+    if output_format == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow([*header, "error"])
+        for row, cells in zip(rows, table, strict=True):
+            writer.writerow(cells + [""] * (len(header) - len(cells)) + [row["error"] or ""])
+        return buffer.getvalue()
+    header = ["file"] + [f"{name} {i + 1}" for i in range(k) for name in ("class", "prob")]
+    widths = [max(len(c[j]) for c in [header, *table] if len(c) > j) for j in range(len(header))]
+    lines = []
+    for row, cells in zip([None, *rows], [header, *table], strict=True):
+        line = "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))
+        if row is not None and row["error"]:
+            line = f"{cells[0].ljust(widths[0])}  error: {row['error']}"
+        lines.append(line.rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.predict",
+        description="Classify images with a trained run, a .keras file or an exported SavedModel.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="run directory, .keras file or SavedModel")
+    parser.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+", help="images or folders")
+    parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
+    parser.add_argument("--format", choices=OUTPUT_FORMATS, default="table", dest="output_format")
+    parser.add_argument("--output", "-o", help="write to this file instead of standard output")
+    parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per model call")
+    args = parser.parse_args(argv)
+    try:
+        rows = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    text = format_rows(rows, args.output_format)
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    failed = sum(1 for r in rows if r["error"])
+    if failed:
+        print(f"{failed} of {len(rows)} inputs could not be classified", file=sys.stderr)
+    return 0 if failed < len(rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
