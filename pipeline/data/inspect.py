@@ -312,7 +312,7 @@ def format_summary(report: dict, run_dir: Path) -> str:
     lines.append("  channel mean (0..1): " + " ".join(f"{m:.4f}" for m in report["mean"]))
     lines.append("  channel std  (0..1): " + " ".join(f"{s:.4f}" for s in report["std"]))
     if report.get("quarantined"):
-        lines.append(f"  quarantined by the scan: {report['quarantined']}")
+        lines.append(f"  quarantined by the scan, per folder: {report['quarantined']}")
     shown_rows = min(len(names), MAX_GRID_CLASSES)
     lines.append(f"  samples: {run_dir / 'inspect.png'} ({shown_rows} rows)")
     lines.append(f"  report:  {run_dir / 'inspect.json'}")
@@ -324,7 +324,7 @@ def _ratio(value: float | None) -> str:
 
 
 def _sizes_line(sizes: dict, image_size: int) -> str:
-    if not sizes.get("count") or sizes.get("fixed") is False and "width" not in sizes:
+    if "width" not in sizes:  # no image, or a TFDS dataset of varying sizes
         return "variable (not recorded by this source)"
     w, h = sizes["width"], sizes["height"]
     if sizes["fixed"]:

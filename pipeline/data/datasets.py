@@ -1,0 +1,255 @@
+"""tf.data input pipelines: load a source, measure it, and batch it for training.
+
+    source (uint8, final size) -> cache -> shuffle -> augment -> batch
+        -> float32 0..255 + one-hot labels -> prefetch
+
+Normalization to [0, 1] and standardization with the training split's
+per-channel mean and std happen inside the model (see ``pipeline.models``), so
+the model takes raw pixel values and an exported model takes uint8 images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from pipeline.data import augment
+from pipeline.data.sources import SOURCES, Source, load_digits, load_folder, load_tfds
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+SHUFFLE_BUFFER = 20_000  # examples; whole split below this size
+STATS_BATCH = 512  # images per step of the statistics pass
+PREVIEW_IMAGES = 32  # augmented training images shown in TensorBoard
+
+
+@dataclass
+class DataBundle:
+    """Batched datasets and what the model and the run records need to know.
+
+    ``first_batch`` is one global batch of training images, unshuffled: a
+    pre-flight step uses it without advancing the training set's reshuffling.
+    ``preview`` is one batch of up to 32 augmented training images, for a look.
+    """
+
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    test: tf.data.Dataset
+    first_batch: tf.data.Dataset
+    preview: tf.data.Dataset
+    source: Source
+    image_shape: tuple[int, int, int]
+    batch_size: int
+    mean: list[float]
+    std: list[float]
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.source.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.source.class_names)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {s: getattr(self.source, s).count for s in ("train", "val", "test")}
+
+    def steps_per_epoch(self) -> int:
+        return -(-self.source.train.count // self.batch_size)
+
+
+def load_source(source: str, *, image_size: int, seed: int, **options) -> Source:
+    """Loads one of ``SOURCES`` with its own options (see ``conf/data/*.yaml``)."""
+    if image_size < 8:
+        raise PipelineError(f"data.image_size must be >= 8, got {image_size}")
+    if source == "digits":
+        return load_digits(image_size=image_size, seed=seed, **options)
+    if source == "folder":
+        return load_folder(image_size=image_size, seed=seed, **options)
+    if source == "tfds":
+        return load_tfds(image_size=image_size, **options)
+    raise PipelineError(f"data.source must be one of {SOURCES}, got {source!r}")
+
+
+def channel_stats(
+    images: tf.data.Dataset, count: int, num_classes: int = 0
+) -> tuple[list[float], list[float], list[int]]:
+    """Per-channel mean and std on the [0, 1] scale and class counts, in one pass.
+
+    Args:
+        images: unbatched ``(uint8 image, label)`` pairs.
+        count: number of examples, for the progress bar.
+        num_classes: length of the class-count list.
+
+    Returns:
+        ``(mean, std, class_counts)``: three floats each, and one int per class.
+    """
+    import keras
+
+    total = np.zeros(3, np.float64)
+    total_sq = np.zeros(3, np.float64)
+    counts = np.zeros(num_classes, np.int64)
+    pixels = 0
+    bar = keras.utils.Progbar(count, unit_name="image") if count >= 20_000 else None
+    for batch, labels in images.batch(STATS_BATCH).prefetch(tf.data.AUTOTUNE):
+        x = batch.numpy().reshape(-1, 3).astype(np.float64) / 255.0
+        total += x.sum(0)
+        total_sq += np.square(x).sum(0)
+        pixels += x.shape[0]
+        found = np.bincount(labels.numpy(), minlength=len(counts))
+        counts = np.pad(counts, (0, len(found) - len(counts))) + found
+        if bar is not None:
+            bar.add(batch.shape[0])
+    if pixels == 0:
+        raise PipelineError("the training split is empty: no statistics to compute.")
+    mean = total / pixels
+    std = np.sqrt(np.maximum(total_sq / pixels - np.square(mean), 0.0))
+    std = np.maximum(std, 1e-3)  # a constant channel would divide by zero
+    return mean.tolist(), std.tolist(), counts.tolist()
+
+
+def training_stats(source: Source, images: tf.data.Dataset, cache_dir: str | None) -> dict:
+    """Mean, std and class counts of the training split, cached by the source's fingerprint.
+
+    Args:
+        source: the loaded source.
+        images: its training images (pass the ``.cache()``d dataset: the pass fills it).
+        cache_dir: statistics are kept in ``<cache_dir>/stats/<key>.json``; None
+            recomputes every time.
+
+    Returns:
+        ``{"fingerprint", "mean", "std", "class_counts", "imbalance", "cached"}``.
+    """
+    path = None
+    if cache_dir:
+        key = hashlib.sha256(source.fingerprint.encode()).hexdigest()[:24]
+        path = Path(cache_dir) / "stats" / f"{key}.json"
+        try:
+            stats = json.loads(path.read_text())
+            if stats.get("fingerprint") == source.fingerprint:
+                return {**stats, "cached": True}
+        except (OSError, ValueError):
+            pass
+    log.info("Computing channel statistics over %d training images", source.train.count)
+    mean, std, counts = channel_stats(images, source.train.count, len(source.class_names))
+    present = [c for c in counts if c > 0]
+    stats = {
+        "fingerprint": source.fingerprint,
+        "mean": mean,
+        "std": std,
+        "class_counts": dict(zip(source.class_names, counts, strict=False)),
+        "imbalance": max(present) / min(present) if present else 1.0,
+    }
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stats, indent=2))
+        os.replace(tmp, path)
+    return {**stats, "cached": False}
+
+
+def class_weights(class_counts: dict[str, int], class_names: list[str]) -> dict[int, float]:
+    """Loss weights ``total / (classes * count)``: every class weighs the same overall.
+
+    Raises:
+        PipelineError: a class has no training image.
+    """
+    counts = np.array([class_counts.get(name, 0) for name in class_names], np.float64)
+    if (counts == 0).any():
+        missing = [n for n, c in zip(class_names, counts, strict=True) if c == 0]
+        raise PipelineError(f"data.class_weights=auto: classes {missing} have no training images")
+    weights = counts.sum() / (len(counts) * counts)
+    return {i: float(w) for i, w in enumerate(weights)}
+
+
+def _finish(num_classes: int):
+    def finish(images, labels):
+        return tf.cast(images, tf.float32), tf.one_hot(labels, num_classes)
+
+    return finish
+
+
+def make_datasets(
+    source: Source,
+    *,
+    batch_size: int,
+    seed: int,
+    crop_padding: int = 0,
+    flip: bool = False,
+    randaugment: dict | None = None,
+    mixup_alpha: float = 0.0,
+    cutmix_alpha: float = 0.0,
+    stats_cache_dir: str | None = None,
+) -> DataBundle:
+    """Builds the batched train/val/test pipelines of a source.
+
+    Decoded images are cached in memory before augmentation, so decoding
+    happens once; the statistics pass fills that cache.
+
+    Args:
+        source: what ``load_source`` returned.
+        batch_size: global batch size (split across replicas by Keras).
+        seed: shuffling and augmentation seed.
+        crop_padding: zero padding, in pixels at 32x32 (scaled with the image
+            size), before a random crop back to size; 0 turns cropping off.
+        flip: random horizontal flips.
+        randaugment: ``{"num_ops", "factor"}`` for Keras's RandAugment, or None.
+        mixup_alpha: MixUp's alpha; 0 turns it off.
+        cutmix_alpha: CutMix's factor; 0 turns it off.
+        stats_cache_dir: where training statistics are cached (None: no cache).
+
+    Returns:
+        A ``DataBundle``.
+    """
+    if batch_size < 1:
+        raise PipelineError(f"data.batch_size must be >= 1, got {batch_size}")
+    train_images = source.train.images.cache()
+    stats = training_stats(source, train_images, stats_cache_dir)
+    image_shape = tuple(int(d) for d in train_images.element_spec[0].shape)
+    if None in image_shape:
+        raise PipelineError(f"images must have a fixed shape, got {image_shape}")
+    finish = _finish(len(source.class_names))
+    per_batch = augment.batch_fn(
+        randaugment=randaugment, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, seed=seed
+    )
+    per_image = augment.crop_flip_fn(image_shape[0], crop_padding, flip)
+
+    def augmented(images, size):
+        ds = images.map(per_image, num_parallel_calls=tf.data.AUTOTUNE).batch(size)
+        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+        return ds if per_batch is None else ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
+
+    shuffled = train_images.shuffle(min(source.train.count, SHUFFLE_BUFFER), seed=seed)
+    train = augmented(shuffled, batch_size)
+
+    def evaluation(split):
+        return (
+            split.images.cache()
+            .batch(batch_size)
+            .map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+
+    return DataBundle(
+        train=train.prefetch(tf.data.AUTOTUNE),
+        first_batch=train_images.take(batch_size).batch(batch_size).map(finish),
+        preview=augmented(train_images.take(PREVIEW_IMAGES), PREVIEW_IMAGES),
+        val=evaluation(source.val),
+        test=evaluation(source.test),
+        source=source,
+        image_shape=image_shape,
+        batch_size=batch_size,
+        mean=[float(m) for m in stats["mean"]],
+        std=[float(s) for s in stats["std"]],
+        stats=stats,
+    )
