@@ -37,6 +37,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import runinfo
 from pipeline.errors import PipelineError
 from pipeline.train import (
     CONF_DIR,
@@ -50,11 +51,7 @@ log = logging.getLogger("pipeline.bench")
 
 MEASUREMENTS = ("pipeline", "synthetic", "end_to_end", "keras_fit")
 RATIOS = {  # name: (numerator, denominator, what it says)
-    "end_to_end/synthetic": (
-        "end_to_end",
-        "synthetic",
-        "input stall: below 1, steps wait for data",
-    ),
+    "end_to_end/synthetic": ("end_to_end", "synthetic", "input stall: below 1, steps wait"),
     "end_to_end/keras_fit": ("end_to_end", "keras_fit", "against plain Keras on in-memory tensors"),
     "pipeline/synthetic": ("pipeline", "synthetic", "times faster the input runs than training"),
 }
@@ -104,9 +101,6 @@ def bench(cfg: DictConfig, run_dir=None) -> dict:
     check_config(cfg)
     check_bench(cfg.bench)
     run_dir = _prepare_run_dir(cfg, run_dir)
-
-    from pipeline import runinfo
-
     strategy, plan, devices = _setup(cfg)
     bundle, prepare_s = _load_bundle(cfg)
     model = _build_model(cfg, bundle, strategy, plan)
@@ -117,7 +111,9 @@ def bench(cfg: DictConfig, run_dir=None) -> dict:
     }
     which = [m for m in MEASUREMENTS if m in cfg.bench.which]
     weights = _class_weight(cfg, bundle)
-    result = summarize({name: _measure(name, model, bundle, timing, weights) for name in which})
+    spe = cfg.trainer.steps_per_execution
+    windows = _measure_all(which, model, bundle, timing, weights, plan, spe)
+    result = summarize(windows)
     result.update(
         plan={
             "strategy": plan.strategy,
@@ -265,6 +261,29 @@ def _class_weight(cfg: DictConfig, bundle) -> dict | None:
     from pipeline import data
 
     return data.class_weights(bundle.stats["class_counts"], bundle.class_names)
+
+
+def _measure_all(which, model, bundle, timing: dict, weights, plan, steps_per_execution) -> dict:
+    """Each window's images/s of the measurements ``which`` names.
+
+    Raises:
+        PipelineError: a training step failed (no pre-flight step ran to fall back).
+    """
+    import tensorflow as tf
+
+    from pipeline import trainer
+
+    try:
+        return {name: _measure(name, model, bundle, timing, weights) for name in which}
+    except tf.errors.OpError as err:
+        raise PipelineError(
+            f"the training step failed with strategy={plan.strategy}, precision={plan.precision}, "
+            f"jit_compile={plan.jit_compile}, steps_per_execution="
+            f"{steps_per_execution} ({trainer._short(err)}). The bench tries no "
+            "fallback: set what training fell back to (its metrics.json lists the fallbacks), "
+            "e.g. trainer.jit_compile=false, trainer.precision=float32 or "
+            "trainer.steps_per_execution=1."
+        ) from err
 
 
 def _measure(name: str, model, bundle, timing: dict, class_weight: dict | None) -> list[float]:
@@ -422,18 +441,10 @@ def measure_fit(
     """
     total = warmup_steps + steps * windows
     if steps_per_epoch:
-        last = count - (steps_per_epoch - 1) * batch_size
-
-        def images_of(step):
-            return last if step == steps_per_epoch - 1 else batch_size
-
         fit_args = {"epochs": -(-total // steps_per_epoch) + 1}  # stopped by the timer
     else:
-
-        def images_of(step):
-            return batch_size
-
         fit_args = {"epochs": 1, "steps_per_epoch": total}
+    images_of = images_per_step(batch_size, steps_per_epoch, count)
     timer = _window_timer(
         warmup_steps=warmup_steps, steps=steps, windows=windows, images_of=images_of, label=label
     )
@@ -451,6 +462,26 @@ def measure_fit(
             "bench.steps or bench.windows."
         )
     return timer.rates
+
+
+def images_per_step(
+    batch_size: int, steps_per_epoch: int | None, count: int | None
+) -> Callable[[int], int]:
+    """Images in step ``i`` of an epoch: a full batch, the short last one, or none past the end.
+
+    Keras reports steps run ``steps_per_execution`` at a time, and an epoch's last
+    execution may reach past its end.
+    """
+    if not steps_per_epoch:
+        return lambda step: batch_size
+    last = count - (steps_per_epoch - 1) * batch_size
+
+    def images_of(step: int) -> int:
+        if step >= steps_per_epoch:
+            return 0
+        return last if step == steps_per_epoch - 1 else batch_size
+
+    return images_of
 
 
 def _window_timer(*, warmup_steps, steps, windows, images_of: Callable[[int], int], label):
@@ -480,12 +511,13 @@ def _window_timer(*, warmup_steps, steps, windows, images_of: Callable[[int], in
 
         def on_train_batch_end(self, batch, logs=None):
             now = time.perf_counter()
-            self._done += batch - self._begin + 1  # steps_per_execution steps per call
+            ran = [images_of(s) for s in range(self._begin, batch + 1)]  # steps_per_execution
+            self._done += sum(n > 0 for n in ran)
             if self._start is None:
                 if self._done >= warmup_steps:
                     self._start = now
                 return
-            self._images += sum(images_of(s) for s in range(self._begin, batch + 1))
+            self._images += sum(ran)
             if self._done >= warmup_steps + steps * (len(self.rates) + 1):
                 self.rates.append(self._images / max(now - self._start, 1e-9))
                 _progress(label, len(self.rates), windows, self.rates[-1])
@@ -521,10 +553,10 @@ def summarize(windows: dict[str, list[float]]) -> dict:
 def format_table(result: dict) -> str:
     """The console summary of ``bench``'s result."""
     rates, s, p = result["images_per_sec"], result["settings"], result["plan"]
-    rows = [(name, f"{rate:,.0f} images/s") for name, rate in rates.items()]
+    rows = [(name, f"{rate:>9,.0f} images/s") for name, rate in rates.items()]
     for name, value in result["ratios"].items():
         if value is not None:
-            rows.append((name, f"{value:.2f}  ({RATIOS[name][2]})"))
+            rows.append((name, f"{value:>9.2f}  ({RATIOS[name][2]})"))
     rows += [
         ("strategy / replicas", f"{p['strategy']} / {p['num_replicas']}"),
         ("precision / XLA", f"{p['precision']} / {p['jit_compile']}"),

@@ -80,23 +80,33 @@ class _Model:
     stop_training = False
 
 
-def test_windows_count_the_short_last_batch_of_each_epoch(monkeypatch):
+@pytest.mark.parametrize(
+    ("calls", "steps_per_execution", "rates"),
+    [
+        # the warm-up step, then windows of 8 + 2 and 8 + 8 images, one clock tick a call
+        ([0, 1, 2, 0, 1], 1, [5.0, 8.0]),
+        # two steps a call; an epoch's second call runs its one short batch only
+        ([0, 2, 0, 2], 2, [9.0, 2.0]),
+    ],
+)
+def test_windows_count_the_images_of_the_steps_that_ran(
+    monkeypatch, calls, steps_per_execution, rates
+):
     clock = iter(range(100))
     monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
     timer = bench._window_timer(
-        warmup_steps=1,
+        warmup_steps=steps_per_execution,
         steps=2,
         windows=2,
-        images_of=lambda step: 2 if step == 2 else 8,  # epochs of 8 + 8 + 2 images
+        images_of=bench.images_per_step(8, steps_per_epoch=3, count=18),  # 8 + 8 + 2 images
         label="test",
     )
     timer.set_model(_Model())
     timer.on_train_begin()
-    for batch in (0, 1, 2, 0, 1):  # the warm-up step, then 2 windows across an epoch's end
-        timer.on_train_batch_begin(batch)
-        timer.on_train_batch_end(batch)
-    # one clock tick per step: 8 + 2 images in 2 ticks, then 8 + 8 in 2 ticks
-    assert timer.rates == [5.0, 8.0]
+    for begin in calls:
+        timer.on_train_batch_begin(begin)
+        timer.on_train_batch_end(begin + steps_per_execution - 1)
+    assert timer.rates == rates
     assert timer.model.stop_training
 
 
