@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,7 +101,9 @@ def channel_stats(
     total_sq = np.zeros(3, np.float64)
     counts = np.zeros(num_classes, np.int64)
     pixels = 0
-    bar = keras.utils.Progbar(count, unit_name="image") if count >= 20_000 else None
+    bar = None
+    if count >= 20_000:  # a bar on a terminal, one closing line in a log
+        bar = keras.utils.Progbar(count, unit_name="image", verbose=1 if sys.stderr.isatty() else 2)
     for batch, labels in images.batch(STATS_BATCH).prefetch(tf.data.AUTOTUNE):
         x = batch.numpy().reshape(-1, 3).astype(np.float64) / 255.0
         total += x.sum(0)
