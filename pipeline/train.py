@@ -8,14 +8,16 @@ TensorFlow is imported only once the config is known to be good.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from pipeline import hparams, sweep
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.train")
@@ -37,6 +39,21 @@ CHOICES = {
     "data.source": ("digits", "folder", "tfds"),
     "data.resize": ("crop", "pad", "stretch"),
 }
+HPARAM_KEYS = (  # logged for the HParams dashboard, with whatever the command line overrides
+    "model.arch",
+    "optimizer.lr",
+    "optimizer.weight_decay",
+    "data.batch_size",
+    "data.image_size",
+    "trainer.epochs",
+    "trainer.label_smoothing",
+    "schedule.name",
+    "augment.crop_padding",
+    "augment.mixup_alpha",
+    "augment.cutmix_alpha",
+    "seed",
+)
+NOT_HPARAMS = ("trainer.verbose", "trainer.profile_batches", "export.formats", "data.cache_dir")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -262,6 +279,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             (f["max_abs_diff"] for f in parity.get("formats", {}).values()), default=0.0
         )
         runinfo.write_json(run_dir / "metrics.json", metrics)
+    hparams.log_run(run_dir, _hparams(cfg), metrics)
     _print_summary(metrics, run_dir)
     return metrics
 
@@ -298,15 +316,91 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
     print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows) + "\n", flush=True)
 
 
+def _hparams(cfg: DictConfig) -> dict:
+    """The run's hyperparameters: :data:`HPARAM_KEYS` plus every key the command line set."""
+    from hydra.core.hydra_config import HydraConfig
+
+    params = {key: OmegaConf.select(cfg, key, default=None) for key in HPARAM_KEYS}
+    if not HydraConfig.initialized():
+        return params
+    hydra_cfg = HydraConfig.get()
+    for override in hydra_cfg.overrides.task:
+        key, _, raw = override.lstrip("+~").partition("=")
+        if key.startswith("hydra") or key in NOT_HPARAMS or "/" in key or "@" in key:
+            continue
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, (DictConfig, ListConfig)):  # a group choice (model=resnet20)
+            value = hydra_cfg.runtime.choices.get(key, raw)
+        params[key] = raw if value is None else value
+    return params
+
+
+def _job() -> tuple[Path, bool, Path | None]:
+    """(this job's output dir, whether it runs in a multirun, the sweep dir if parallel)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    parallel = in_sweep and "joblib" in str(hydra_cfg.launcher.get("_target_", "")).lower()
+    return (
+        Path(hydra_cfg.runtime.output_dir),
+        in_sweep,
+        Path(hydra_cfg.sweep.dir) if parallel else None,
+    )
+
+
+def _objective(metrics: dict, metric: str) -> float:
+    """The metric sweepers optimize, checked to be a finite number.
+
+    Raises:
+        PipelineError: the metric is unknown, or training diverged (NaN loss).
+    """
+    numeric = sorted(hparams.final_metrics(metrics))
+    if metric not in metrics:
+        raise PipelineError(
+            f"objective.metric={metric!r} is not a metric of the run; use one of "
+            f"{', '.join(numeric)}"
+        )
+    for key in ("train_loss", metric):
+        value = metrics.get(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise PipelineError(
+                f"training diverged: {key} is {value} (TerminateOnNaN stopped it); "
+                "lower optimizer.lr or check the data"
+            )
+    return float(metrics[metric])
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the validation accuracy for sweepers."""
+    """Hydra entry point; returns the objective (``objective.metric``) for sweepers.
+
+    In a multirun a failed job leaves ``failed.json`` and returns the worst
+    objective, so the sweep goes on (unless ``sweep.fail_fast``); a single run
+    exits with status 2 on a :class:`PipelineError`.
+    """
+    job_dir, in_sweep, parallel_sweep_dir = _job()
+    direction = cfg.objective.direction
+    if direction not in sweep.DIRECTIONS:
+        _exit(PipelineError(f"objective.direction must be maximize or minimize, got {direction!r}"))
     try:
-        return train(cfg)["val_accuracy"]
-    except PipelineError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if parallel_sweep_dir is not None and cfg.sweep.one_gpu_per_job:
+            sweep.claim_gpu(parallel_sweep_dir / ".gpu_locks")
+        return _objective(train(cfg), cfg.objective.metric)
+    except Exception as err:
+        if in_sweep and not cfg.sweep.fail_fast:
+            sweep.record_failure(job_dir, err)
+            return sweep.worst_value(direction)
+        if not isinstance(err, PipelineError):
+            raise
+        _exit(err)
+
+
+def _exit(err: PipelineError) -> None:
+    log.error("%s", err)
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -145,46 +145,6 @@ def load_digits(*, image_size: int, seed: int, test_fraction: float, val_fractio
     )
 
 
-def list_image_folder(path: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
-    """Lists a class-per-subfolder image folder.
-
-    Args:
-        path: folder whose subfolders are the classes.
-
-    Returns:
-        ``(class_names, [(file_path, label), ...])`` in sorted order.
-
-    Raises:
-        PipelineError: the folder is missing, has no class subfolders, or a
-            class holds no image.
-    """
-    root = Path(path).expanduser()
-    if not root.is_dir():
-        raise PipelineError(
-            f"data.path={str(path)!r} is not a folder. Point data.path at a folder "
-            "holding one subfolder of images per class."
-        )
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
-        raise PipelineError(
-            f"{str(root)!r} has no class subfolders. Expected {root}/<class_name>/<image files>."
-        )
-    files = []
-    for label, name in enumerate(classes):
-        found = sorted(
-            str(p)
-            for p in (root / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        )
-        if not found:
-            raise PipelineError(
-                f"class folder {str(root / name)!r} holds no images "
-                f"({', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder."
-            )
-        files.extend((f, label) for f in found)
-    return classes, files
-
-
 def decode_file(path, use_pil) -> tf.Tensor:
     """Decodes an image file to uint8 RGB ``[H, W, 3]``.
 

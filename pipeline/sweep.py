@@ -1,0 +1,225 @@
+"""Multirun sweeps: per-job failure records, one GPU per parallel job, the sweep summary.
+
+A job of a sweep that fails leaves ``failed.json`` (its reason) in its directory
+and returns the worst objective, so the sweep goes on. After the sweep,
+:class:`SweepSummary` (a Hydra callback) reads every job directory and writes
+``summary.md`` and ``summary.csv`` in the sweep directory, sorted by the objective.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+
+import yaml
+from hydra.experimental.callback import Callback
+
+log = logging.getLogger("pipeline.sweep")
+
+DIRECTIONS = ("maximize", "minimize")
+FAILED_FILE = "failed.json"
+METRICS_FILE = "metrics.json"
+SUMMARY_METRICS = ("val_accuracy", "test_accuracy", "val_loss", "wall_time_s")
+_GPU_LOCK = None  # the open lock file of the GPU this process holds, for its whole life
+
+
+def worst_value(direction: str) -> float:
+    """The objective that sorts last: -inf when maximizing, +inf when minimizing.
+
+    Optuna accepts infinities as the value of a complete trial (NaN would fail it).
+
+    Raises:
+        ValueError: ``direction`` is not maximize or minimize.
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"objective.direction must be maximize or minimize, got {direction!r}")
+    return -math.inf if direction == "maximize" else math.inf
+
+
+def record_failure(job_dir: str | os.PathLike, error: BaseException) -> None:
+    """Writes ``<job_dir>/failed.json`` with the error's type and message."""
+    path = Path(job_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    reason = str(error) or type(error).__name__
+    payload = {"status": "failed", "error": type(error).__name__, "reason": reason}
+    (path / FAILED_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    log.error("Job in %s failed (%s): %s; the sweep goes on", path, type(error).__name__, reason)
+
+
+def gpu_count() -> int:
+    """NVIDIA GPUs the driver lists, counted without importing TensorFlow."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
+def claim_gpu(lock_dir: str | os.PathLike, num_gpus: int | None = None) -> int | None:
+    """Pins this process to one free GPU through ``CUDA_VISIBLE_DEVICES``.
+
+    Parallel jobs (joblib workers) each take the first GPU nobody holds a lock
+    on; the lock lasts as long as the process, which keeps its GPU for all the
+    jobs it runs (TensorFlow cannot change devices once started). Does nothing
+    when ``CUDA_VISIBLE_DEVICES`` is already set or there are fewer than 2 GPUs.
+
+    Args:
+        lock_dir: a directory shared by the jobs of one sweep.
+        num_gpus: GPUs to share (default: :func:`gpu_count`).
+
+    Returns:
+        The GPU index taken, or None.
+    """
+    global _GPU_LOCK
+    if _GPU_LOCK is not None or "CUDA_VISIBLE_DEVICES" in os.environ:
+        return None
+    num_gpus = gpu_count() if num_gpus is None else num_gpus
+    if num_gpus < 2:
+        return None
+    Path(lock_dir).mkdir(parents=True, exist_ok=True)
+    for index in range(num_gpus):
+        handle = open(Path(lock_dir) / f"gpu{index}.lock", "w")  # noqa: SIM115 (held for life)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _GPU_LOCK = handle
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+        log.info("This job process uses GPU %d (CUDA_VISIBLE_DEVICES=%d)", index, index)
+        return index
+    log.warning("All %d GPUs are taken by other jobs: this one shares them", num_gpus)
+    return None
+
+
+def collect(sweep_dir: str | os.PathLike, metric: str) -> list[dict]:
+    """One row per job directory under ``sweep_dir`` (those holding ``.hydra/overrides.yaml``).
+
+    Returns:
+        Rows with ``job``, ``status`` (ok | failed | crashed), ``objective``,
+        ``overrides`` (a list), the :data:`SUMMARY_METRICS` found and ``reason``.
+    """
+    root = Path(sweep_dir)
+    rows = []
+    for overrides_file in root.glob("**/.hydra/overrides.yaml"):
+        job_dir = overrides_file.parent.parent
+        overrides = yaml.safe_load(overrides_file.read_text()) or []
+        row = {
+            "job": job_dir.relative_to(root).as_posix(),
+            "status": "ok",
+            "objective": None,
+            "overrides": [o for o in overrides if not o.startswith("hydra.")],
+            "reason": "",
+        }
+        if (job_dir / FAILED_FILE).is_file():
+            failure = json.loads((job_dir / FAILED_FILE).read_text())
+            row.update(status="failed", reason=f"{failure['error']}: {failure['reason']}")
+        elif (job_dir / METRICS_FILE).is_file():
+            metrics = json.loads((job_dir / METRICS_FILE).read_text())
+            row.update({k: metrics[k] for k in SUMMARY_METRICS if k in metrics})
+            row["objective"] = metrics.get(metric)
+        else:
+            row.update(
+                status="crashed", reason="crashed (no metrics.json): killed, or still running"
+            )
+        rows.append(row)
+    return rows
+
+
+def rank(rows: list[dict], direction: str) -> list[dict]:
+    """Sorts rows best first by objective (jobs without a finite one last, by job number)."""
+    sign = -1.0 if direction == "maximize" else 1.0
+
+    def key(row):
+        value = row["objective"]
+        finite = isinstance(value, (int, float)) and math.isfinite(value)
+        return (not finite, sign * value if finite else 0.0, _natural(row["job"]))
+
+    return sorted(rows, key=key)
+
+
+def _natural(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def write_summary(sweep_dir: str | os.PathLike, *, metric: str, direction: str) -> str:
+    """Writes ``summary.md`` and ``summary.csv`` in the sweep dir, best job first.
+
+    Args:
+        sweep_dir: Hydra's ``hydra.sweep.dir``.
+        metric: the objective, a key of each job's metrics.json.
+        direction: maximize or minimize.
+
+    Returns:
+        The markdown table.
+    """
+    worst_value(direction)  # checks the direction
+    rows = rank(collect(sweep_dir, metric), direction)
+    metrics = [k for k in SUMMARY_METRICS if k != metric and any(k in r for r in rows)]
+    shared = set.intersection(*(set(r["overrides"]) for r in rows)) if len(rows) > 1 else set()
+    columns = ["rank", "best", "job", "status", metric, *metrics, "overrides", "reason"]
+    records = []  # full-precision values, for the CSV
+    for i, row in enumerate(rows, start=1):
+        best = i == 1 and row["status"] == "ok" and row["objective"] is not None
+        record = {
+            "rank": i,
+            "best": best,
+            "job": row["job"],
+            "status": row["status"],
+            metric: row["objective"],
+            **{k: row.get(k) for k in metrics},
+            "overrides": " ".join(o for o in row["overrides"] if o not in shared),
+            "reason": row["reason"],
+        }
+        records.append([record[c] for c in columns])
+    root = Path(sweep_dir)
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows([columns, *records])
+    (root / "summary.csv").write_text(buffer.getvalue())
+    table = [[_fmt(v) for v in record] for record in records]
+    for line in table:
+        line[0] += " (best)" if line[1] == "True" else ""
+    columns, table = [columns[0], *columns[2:]], [[line[0], *line[2:]] for line in table]
+    escape = [[cell.replace("|", "\\|") for cell in line] for line in table]
+    markdown = "\n".join(
+        "| " + " | ".join(line) + " |" for line in [columns, ["---"] * len(columns), *escape]
+    )
+    title = f"Sweep {root} ({len(rows)} jobs, {direction} {metric})"
+    if shared:
+        kept = [o for o in rows[0]["overrides"] if o in shared]
+        title += "\nEvery job: " + " ".join(kept)
+    (root / "summary.md").write_text(f"# {title}\n\n{markdown}\n")
+    return f"{title}\n{markdown}"
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, writes and prints the sweep summary.
+
+    Args:
+        sweep_dir: the sweep directory (``${hydra.sweep.dir}``).
+        metric: the objective metric (``${objective.metric}``).
+        direction: maximize or minimize (``${objective.direction}``).
+    """
+
+    def __init__(self, sweep_dir: str, metric: str, direction: str) -> None:
+        self.sweep_dir = sweep_dir
+        self.metric = metric
+        self.direction = direction
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        if not Path(self.sweep_dir).is_dir():
+            return
+        print("\n" + write_summary(self.sweep_dir, metric=self.metric, direction=self.direction))
+        print(f"\nWritten: {Path(self.sweep_dir) / 'summary.md'} and summary.csv", flush=True)
