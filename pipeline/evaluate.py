@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.adversarial import DEFAULT_EPS
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.evaluate")
@@ -113,9 +115,10 @@ class Run:
         """
         import keras
 
-        from pipeline import models
+        from pipeline import models, security
 
         path = self.weights_path(checkpoint)
+        security.verify_artifact(self.path, path)  # before a byte of it is loaded
         kwargs = OmegaConf.to_container(self.config.model, resolve=True)
         arch = kwargs.pop("arch")
         kwargs["weights"] = None  # the fine-tuning start point; ours are loaded below
@@ -501,6 +504,12 @@ def evaluate(
     test_path: str | None = None,
     batch_size: int | None = None,
     out_dir=None,
+    adversarial: bool = False,
+    eps: Sequence[float] = DEFAULT_EPS,
+    pgd_steps: int = 10,
+    step_size: float | None = None,
+    random_start: bool = True,
+    max_examples: int = 500,
 ) -> dict:
     """Evaluates a training run and writes its report, images and TensorBoard logs.
 
@@ -512,19 +521,32 @@ def evaluate(
             run's own test split; its classes must be among the model's.
         batch_size: images per step; defaults to the run's ``data.batch_size``.
         out_dir: where to write; defaults to ``<run_dir>/eval``.
+        adversarial: also measure accuracy under FGSM and PGD (report key
+            ``adversarial``, see ``pipeline.adversarial.robustness_report``).
+        eps: L-infinity radii on the [0, 1] pixel scale (``8/255`` = 0.0314).
+        pgd_steps: PGD steps.
+        step_size: PGD step on the [0, 1] scale; None: ``2.5 * eps / pgd_steps``.
+        random_start: PGD starts from a random point in the eps-ball.
+        max_examples: the first this many evaluation images are attacked.
 
     Returns:
         The report (also written to ``<out_dir>/report.json``).
 
     Raises:
         PipelineError: a missing run, checkpoint or folder, mismatched classes,
-            or data that changed since training.
+            data that changed since training, a model file changed since
+            training, or bad attack settings.
     """
     run = load_run(run_dir)
     weights = run.weights_path(checkpoint)
     batch_size = int(batch_size or run.config.data.batch_size)
     if batch_size < 1:
         raise PipelineError(f"data.batch_size must be >= 1, got {batch_size}")
+    attack = (
+        _attack_settings(eps, pgd_steps, step_size, random_start, max_examples)
+        if adversarial
+        else None
+    )
     images, members, data_info = _test_split(run, test_path)
     model = run.build_model(checkpoint)
     files = [Path(data_info["path"]) / m for m in members] if "path" in data_info else None
@@ -548,9 +570,56 @@ def evaluate(
             for c, i, p, _ in mistakes
         ],
     }
+    if attack is not None:
+        report["adversarial"] = _robustness(model, images, batch_size, **attack)
     out = Path(out_dir) if out_dir else run.path / "eval"
     _write_outputs(report, mistakes, out, run)
     _print_summary(report, out)
+    return report
+
+
+def _attack_settings(eps, pgd_steps, step_size, random_start, max_examples) -> dict:
+    """Checks the eval.* attack settings before the slow part; returns them as keywords."""
+    eps = [float(e) for e in (eps or ())]
+    if not eps or not all(0.0 < e <= 1.0 for e in eps):
+        raise PipelineError(
+            f"eval.eps must be a non-empty list of radii in (0, 1] on the [0, 1] pixel scale "
+            f"(e.g. [0.00392, 0.0314] for 1/255 and 8/255), got {eps}"
+        )
+    if int(pgd_steps) < 1 or int(max_examples) < 1:
+        raise PipelineError(
+            f"eval.pgd_steps and eval.max_examples must be >= 1, got {pgd_steps} and {max_examples}"
+        )
+    if step_size is not None and not 0.0 < float(step_size) <= 1.0:
+        raise PipelineError(
+            f"eval.step_size must be null (2.5 * eps / pgd_steps) or in (0, 1], got {step_size}"
+        )
+    return {
+        "eps_list": eps,
+        "steps": int(pgd_steps),
+        "step_size": None if step_size is None else float(step_size),
+        "random_start": bool(random_start),
+        "max_examples": int(max_examples),
+    }
+
+
+def _robustness(model, images, batch_size: int, *, max_examples: int, **attack) -> dict:
+    """Attacks the first ``max_examples`` evaluation images; logs any failed self-check."""
+    from pipeline import adversarial
+
+    pixels, labels = [], []
+    for batch, label in images.take(max_examples).batch(batch_size):
+        pixels.append(batch.numpy())
+        labels.append(label.numpy())
+    report = adversarial.robustness_report(
+        model,
+        np.concatenate(pixels),
+        np.concatenate(labels),
+        batch_size=batch_size,
+        **attack,
+    )
+    for warning in report["warnings"]:
+        log.warning("robustness check failed: %s", warning)
     return report
 
 
@@ -599,8 +668,13 @@ def _print_summary(report: dict, out: Path) -> None:
         (f"top-{report['top_k']} accuracy", f"{report['top_k_accuracy']:.4f}"),
         ("macro F1", f"{report['macro_f1']:.4f}"),
         ("ECE (15 bins)", f"{report['ece']:.4f}"),
-        ("report", str(out / "report.json")),
     ]
+    for row in report.get("adversarial", {}).get("attacks", []):
+        name = f"{row['attack']} eps={row['eps_pixels']:.3g}/255"
+        rows.append((name, f"{row['accuracy']:.4f}"))
+    for warning in report.get("adversarial", {}).get("warnings", []):
+        rows.append(("warning", warning))
+    rows.append(("report", str(out / "report.json")))
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows) + "\n", flush=True)
 
@@ -616,6 +690,12 @@ def main(cfg: DictConfig) -> None:
             test_path=cfg.data.test_path,
             batch_size=cfg.data.batch_size,
             out_dir=cfg.out_dir,
+            adversarial=cfg.eval.adversarial,
+            eps=list(cfg.eval.eps),
+            pgd_steps=cfg.eval.pgd_steps,
+            step_size=cfg.eval.step_size,
+            random_start=cfg.eval.random_start,
+            max_examples=cfg.eval.max_examples,
         )
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -18,6 +18,10 @@ The model is rebuilt in float32 (a mixed-precision run's weights are float32).
 After each export a parity check runs the exported model on a fixed batch and
 compares its probabilities with the in-memory model's; the largest absolute
 difference goes to ``export/parity.json`` and must be at most ``1e-4``.
+
+The checkpoint is checked against the SHA-256 in the run's manifest before it
+is loaded, and each exported artifact's SHA-256 is recorded there in turn (when
+the export goes inside the run directory), so predict can check it.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def export_run(
     run.weights_path(checkpoint)  # a missing checkpoint fails before the slow part
     model = run.build_model(checkpoint)
     out = Path(out_dir) if out_dir else run.path / "export"
-    return export_model(
+    report = export_model(
         model,
         out,
         formats=formats,
@@ -84,6 +88,20 @@ def export_run(
         resize=run.resize,
         provenance={"run_dir": str(run.path), "checkpoint": checkpoint},
     )
+    _record_exports(run.path, out, report)
+    return report
+
+
+def _record_exports(run_dir: Path, out: Path, report: dict) -> None:
+    """Records the exported files' SHA-256 in the run's manifest, when they lie inside the run."""
+    from pipeline import security
+
+    if not out.resolve().is_relative_to(run_dir.resolve()):
+        log.warning("%s is outside %s: its SHA-256 is not recorded in the manifest", out, run_dir)
+        return
+    paths = [out / r["path"] for r in report["formats"].values()]
+    names = out / "class_names.json"
+    security.record_artifacts(run_dir, paths + ([names] if names.is_file() else []))
 
 
 def export_model(
@@ -275,9 +293,9 @@ def _run_saved_model(path: Path, raw: np.ndarray, class_names: list[str]) -> np.
 def _run_keras(path: Path, resized: np.ndarray) -> np.ndarray:
     import keras
 
-    import pipeline.models  # noqa: F401  (registers our layers for loading)
+    from pipeline import security
 
-    loaded = keras.saving.load_model(path, compile=False)
+    loaded = security.safe_load_keras(path)
     return _softmax(keras.ops.convert_to_numpy(loaded(resized, training=False)))
 
 

@@ -14,6 +14,14 @@ file is read with Pillow (converted to RGB, the first frame of a GIF), resized
 to the model's input as in training, and classified in batches. A file that
 cannot be read gets a row with its error and the rest go on. The exit code is 0
 when at least one image was classified, 1 when none was, 2 for a bad MODEL.
+
+Before decoding, each file's header is read: files that are not images, and
+images of more than ``--max-pixels`` pixels (default: the run's
+``data.max_pixels``, else Pillow's limit), are refused undecoded. A model file
+belonging to a run is checked against the SHA-256 in the run's manifest and
+refused if it changed; ``.keras`` models are loaded in Keras's safe mode and
+refused if they hold a ``Lambda`` layer; legacy ``.h5`` models only load with
+``--allow-unsafe-h5``.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from pipeline.errors import PipelineError
 BATCH_SIZE = 64  # images per model call
 OUTPUT_FORMATS = ("table", "json", "csv")
 DEFAULT_RESIZE = "crop"  # for a .keras file without class_names.json: data.resize's default
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own limit, and data.max_pixels's default
 
 
 @dataclass
@@ -45,55 +54,89 @@ class Predictor:
         image_size: height and width the model takes.
         resize: how images of other sizes are brought to ``image_size``.
         probabilities: uint8 ``[N, S, S, 3]`` -> float ``[N, C]``.
+        max_pixels: larger images are refused from their header (the run's
+            ``data.max_pixels`` when the model belongs to a run).
     """
 
     class_names: list[str]
     image_size: int
     resize: str
     probabilities: Callable[[np.ndarray], np.ndarray]
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def load_predictor(model_path) -> Predictor:
+def load_predictor(model_path, *, allow_unsafe_h5: bool = False) -> Predictor:
     """Loads MODEL: a run directory, a ``.keras`` file or a SavedModel directory.
 
+    A model inside a training run (the run itself, or its ``export/``) is
+    checked against the SHA-256 in the run's manifest first.
+
+    Args:
+        model_path: MODEL (see the module docstring).
+        allow_unsafe_h5: also load a legacy full-model ``.h5``/``.hdf5`` file,
+            which can run code when loaded.
+
     Raises:
-        PipelineError: the path is none of these, or the model cannot be loaded.
+        PipelineError: the path is none of these, the model changed since it
+            was saved, holds code (a Lambda layer, an unallowed .h5), or cannot
+            be loaded.
     """
+    from pipeline import security
+
     path = Path(model_path).expanduser()
     if path.is_dir() and (path / "manifest.json").is_file():
         return _run_predictor(path)
+    run_dir = security.find_run_dir(path.parent)
+    max_pixels = _run_max_pixels(run_dir) if run_dir else DEFAULT_MAX_PIXELS
     if path.is_dir() and (path / "saved_model.pb").is_file():
-        return _saved_model_predictor(path)
-    if path.is_file() and path.suffix == ".keras":
+        if run_dir:
+            security.verify_artifact(run_dir, path)
+        return _saved_model_predictor(path, max_pixels)
+    if path.is_file() and path.suffix.lower() in (".keras", *security.LEGACY_MODEL_SUFFIXES):
+        if run_dir:
+            security.verify_artifact(run_dir, path)
         info_file = path.parent / "class_names.json"
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         if isinstance(info, list):
             info = {"class_names": info}
-        return _keras_predictor(path, info.get("class_names"), info.get("resize", DEFAULT_RESIZE))
+        model = security.safe_load_keras(path, allow_unsafe=allow_unsafe_h5)
+        resize = info.get("resize", DEFAULT_RESIZE)
+        return _keras_predictor(model, path, info.get("class_names"), resize, max_pixels)
     raise PipelineError(
         f"MODEL={str(model_path)!r} is not a training run directory (with manifest.json), a "
         ".keras file or a SavedModel directory (with saved_model.pb)."
     )
 
 
+def _run_max_pixels(run_dir: Path) -> int:
+    """The run's ``data.max_pixels`` (folder runs), else ``DEFAULT_MAX_PIXELS``."""
+    from omegaconf import OmegaConf
+
+    config_file = run_dir / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        return DEFAULT_MAX_PIXELS
+    value = OmegaConf.select(OmegaConf.load(config_file), "data.max_pixels", default=None)
+    return int(value) if value else DEFAULT_MAX_PIXELS
+
+
 def _run_predictor(path: Path) -> Predictor:
+    from pipeline import security
     from pipeline.evaluate import load_run
 
     run = load_run(path)
-    if not (path / "model.keras").is_file():
+    model_file = path / "model.keras"
+    if not model_file.is_file():
         raise PipelineError(f"{path} has no model.keras: did training finish?")
-    return _keras_predictor(path / "model.keras", run.class_names, run.resize)
+    security.verify_artifact(path, model_file)
+    model = security.safe_load_keras(model_file)
+    return _keras_predictor(model, model_file, run.class_names, run.resize, _run_max_pixels(path))
 
 
-def _keras_predictor(path: Path, class_names: list[str] | None, resize: str) -> Predictor:
+def _keras_predictor(
+    model, path: Path, class_names: list[str] | None, resize: str, max_pixels: int
+) -> Predictor:
     import keras
 
-    import pipeline.models  # noqa: F401  (registers our layers and schedule for loading)
-
-    try:
-        model = keras.saving.load_model(path, compile=False)
-    except Exception as err:  # Keras raises many types for a file it cannot read
-        raise PipelineError(f"cannot load the Keras model {str(path)!r}: {err}") from err
     _, height, width, _ = model.input_shape
     num_classes = model.output_shape[-1]
     if not height or height != width:
@@ -112,10 +155,10 @@ def _keras_predictor(path: Path, class_names: list[str] | None, resize: str) -> 
         logits = model(images.astype(np.float32), training=False)
         return keras.ops.convert_to_numpy(keras.ops.softmax(keras.ops.cast(logits, "float32")))
 
-    return Predictor(list(class_names), int(height), resize, probabilities)
+    return Predictor(list(class_names), int(height), resize, probabilities, max_pixels)
 
 
-def _saved_model_predictor(path: Path) -> Predictor:
+def _saved_model_predictor(path: Path, max_pixels: int) -> Predictor:
     import tensorflow as tf
 
     try:
@@ -133,7 +176,7 @@ def _saved_model_predictor(path: Path) -> Predictor:
     def probabilities(images: np.ndarray) -> np.ndarray:
         return serve(images=tf.constant(images, tf.uint8))["probabilities"].numpy()
 
-    return Predictor(class_names, image_size, resize, probabilities)
+    return Predictor(class_names, image_size, resize, probabilities, max_pixels)
 
 
 def list_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
@@ -166,6 +209,44 @@ def list_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
     return found
 
 
+def check_header(path: str, max_pixels: int) -> str | None:
+    """Reads only a file's header: why it must not be decoded, or None when it may.
+
+    Args:
+        path: the file.
+        max_pixels: width x height above which the image is refused.
+
+    Returns:
+        None for an image of at most ``max_pixels`` pixels; else a message
+        naming the file and what to do.
+    """
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    name = Path(path).name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+            with Image.open(path) as image:  # lazy: reads the header, decodes nothing
+                width, height = image.size
+    except UnidentifiedImageError:
+        return (
+            f"cannot read image: {name} is not an image (no image format recognised in its "
+            "bytes); pass image files only"
+        )
+    except Image.DecompressionBombError as err:
+        return f"refused: {name} is too large, not decoded ({err})"
+    except Exception as err:  # Pillow raises many types for broken headers
+        return f"cannot read image: {name}: {type(err).__name__}: {err}"
+    if width * height > max_pixels:
+        return (
+            f"refused: {name} is {width}x{height} = {width * height} pixels > --max-pixels="
+            f"{max_pixels}, not decoded; shrink the image or pass a larger --max-pixels"
+        )
+    return None
+
+
 def read_image(path: str) -> np.ndarray:
     """Reads an image file as uint8 RGB ``[H, W, 3]``, decoded as training decodes it.
 
@@ -177,7 +258,15 @@ def read_image(path: str) -> np.ndarray:
     return decode_with_pil(path)
 
 
-def predict(model_path, inputs: list[str], *, top_k: int = 5, batch_size: int = BATCH_SIZE):
+def predict(
+    model_path,
+    inputs: list[str],
+    *,
+    top_k: int = 5,
+    batch_size: int = BATCH_SIZE,
+    max_pixels: int | None = None,
+    allow_unsafe_h5: bool = False,
+):
     """Classifies every image in ``inputs``.
 
     Args:
@@ -185,6 +274,9 @@ def predict(model_path, inputs: list[str], *, top_k: int = 5, batch_size: int = 
         inputs: image files and folders.
         top_k: classes reported per image (at most the number of classes).
         batch_size: images per model call.
+        max_pixels: larger images are refused from their header, undecoded;
+            None: the run's ``data.max_pixels``, else ``DEFAULT_MAX_PIXELS``.
+        allow_unsafe_h5: also load a legacy full-model ``.h5`` MODEL.
 
     Returns:
         One dict per file, in order: ``{"file", "predictions": [{"class",
@@ -192,11 +284,15 @@ def predict(model_path, inputs: list[str], *, top_k: int = 5, batch_size: int = 
         could not be classified (then ``predictions`` is empty).
 
     Raises:
-        PipelineError: MODEL cannot be loaded, or a bad ``top_k``/``batch_size``.
+        PipelineError: MODEL cannot be loaded or is refused, or a bad
+            ``top_k``/``batch_size``/``max_pixels``.
     """
     if top_k < 1 or batch_size < 1:
         raise PipelineError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
-    predictor = load_predictor(model_path)
+    if max_pixels is not None and max_pixels < 1:
+        raise PipelineError(f"--max-pixels must be >= 1, got {max_pixels}")
+    predictor = load_predictor(model_path, allow_unsafe_h5=allow_unsafe_h5)
+    limit = max_pixels or predictor.max_pixels
     from pipeline.data.sources import resize_image
 
     rows = [{"file": f, "predictions": [], "error": e} for f, e in list_inputs(inputs)]
@@ -205,6 +301,9 @@ def predict(model_path, inputs: list[str], *, top_k: int = 5, batch_size: int = 
     for start in range(0, len(pending), batch_size):
         batch, images = [], []
         for row in pending[start : start + batch_size]:
+            row["error"] = check_header(row["file"], limit)
+            if row["error"]:
+                continue
             try:
                 image = read_image(row["file"])
                 images.append(resize_image(image, predictor.image_size, predictor.resize).numpy())
@@ -264,9 +363,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="table", dest="output_format")
     parser.add_argument("--output", "-o", help="write to this file instead of standard output")
     parser.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="images per model call")
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="refuse larger images from their header (default: the run's data.max_pixels, "
+        f"else {DEFAULT_MAX_PIXELS})",
+    )
+    parser.add_argument(
+        "--allow-unsafe-h5",
+        action="store_true",
+        help="load a legacy full-model .h5 MODEL (it can run code: only files you trust)",
+    )
     args = parser.parse_args(argv)
     try:
-        rows = predict(args.model, args.inputs, top_k=args.top_k, batch_size=args.batch_size)
+        rows = predict(
+            args.model,
+            args.inputs,
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            max_pixels=args.max_pixels,
+            allow_unsafe_h5=args.allow_unsafe_h5,
+        )
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
