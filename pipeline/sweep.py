@@ -1,7 +1,10 @@
 """Multirun sweeps: per-job failure records, one GPU per parallel job, the sweep summary.
 
 A job of a sweep that fails leaves ``failed.json`` (its reason) in its directory
-and returns the worst objective, so the sweep goes on. After the sweep,
+and returns the worst objective, so the sweep goes on. A job whose process is
+killed outright (SIGKILL, as the out-of-memory killer does) cannot: with
+``launcher=joblib``, :func:`relaunch_unfinished` runs the jobs left unfinished
+again, one process each, and records those that die again. After the sweep,
 :class:`SweepSummary` (a Hydra callback) reads every job directory and writes
 ``summary.md`` and ``summary.csv`` in the sweep directory, sorted by the objective.
 """
@@ -16,10 +19,16 @@ import logging
 import math
 import os
 import re
+import signal
+from collections.abc import Sequence
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import yaml
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from omegaconf import open_dict
 
 log = logging.getLogger("pipeline.sweep")
 
@@ -27,6 +36,8 @@ DIRECTIONS = ("maximize", "minimize")
 FAILED_FILE = "failed.json"
 METRICS_FILE = "metrics.json"
 SUMMARY_METRICS = ("val_accuracy", "test_accuracy", "val_loss", "wall_time_s")
+CRASH_REASON = "crashed: worker process killed (SIGKILL? out of memory?)"
+KILL_JOB_ENV = "PIPELINE_TEST_KILL_JOB"  # test hook only: the number of the job to SIGKILL
 _GPU_LOCK = None  # the open lock file of the GPU this process holds, for its whole life
 
 
@@ -43,14 +54,108 @@ def worst_value(direction: str) -> float:
     return -math.inf if direction == "maximize" else math.inf
 
 
-def record_failure(job_dir: str | os.PathLike, error: BaseException) -> None:
-    """Writes ``<job_dir>/failed.json`` with the error's type and message."""
+def record_failure(
+    job_dir: str | os.PathLike, error: BaseException, reason: str | None = None
+) -> None:
+    """Writes ``<job_dir>/failed.json`` with the error's type and ``reason`` (its message)."""
     path = Path(job_dir)
     path.mkdir(parents=True, exist_ok=True)
-    reason = str(error) or type(error).__name__
+    reason = reason or str(error) or type(error).__name__
     payload = {"status": "failed", "error": type(error).__name__, "reason": reason}
     (path / FAILED_FILE).write_text(json.dumps(payload, indent=2) + "\n")
     log.error("Job in %s failed (%s): %s; the sweep goes on", path, type(error).__name__, reason)
+
+
+def kill_job_for_tests(job_num: int) -> None:
+    """Test hook: SIGKILLs this job's process, as the OOM killer would, when the
+    ``PIPELINE_TEST_KILL_JOB`` environment variable holds ``job_num``; else does nothing."""
+    if os.environ.get(KILL_JOB_ENV) == str(job_num):
+        log.warning("%s=%d: killing this job's process (SIGKILL), for tests", KILL_JOB_ENV, job_num)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def finished_objective(job_dir: str | os.PathLike, metric: str, direction: str) -> float | None:
+    """The objective a job that ran to its end returned, read back from its directory.
+
+    Returns:
+        The worst value for a job that left ``failed.json``; ``metric`` from its
+        ``metrics.json`` (the worst value if missing or not finite); None for a
+        job that left neither (killed, or never started).
+    """
+    path = Path(job_dir)
+    if (path / FAILED_FILE).is_file():
+        return worst_value(direction)
+    if not (path / METRICS_FILE).is_file():
+        return None
+    value = json.loads((path / METRICS_FILE).read_text()).get(metric)
+    finite = isinstance(value, (int, float)) and math.isfinite(value)
+    return float(value) if finite else worst_value(direction)
+
+
+def relaunch_unfinished(
+    launcher, job_overrides: Sequence[Sequence[str]], initial_job_idx: int, error: BaseException
+) -> list[JobReturn]:
+    """Finishes a joblib batch that a killed worker process broke.
+
+    Jobs that left ``metrics.json`` or ``failed.json`` keep their result; the
+    others run again one at a time, each in a fresh one-process loky pool
+    (``joblib.Parallel(n_jobs=1)`` would run them in this process, which a kill
+    would take down), through the joblib launcher's own ``execute_job``. A job
+    killed again gets ``failed.json`` (:data:`CRASH_REASON`) and the worst objective.
+
+    Args:
+        launcher: the ``JoblibLauncher`` whose ``launch`` raised ``error``.
+        job_overrides: the batch's overrides, one list per job.
+        initial_job_idx: the number of the batch's first job.
+        error: the ``BrokenProcessPool`` (loky's ``TerminatedWorkerError``) raised.
+
+    Returns:
+        One ``JobReturn`` per job, in order, all COMPLETED so the sweep goes on.
+
+    Raises:
+        BrokenProcessPool: ``error`` again, with ``sweep.fail_fast=true``.
+    """
+    from hydra_plugins.hydra_joblib_launcher._core import execute_job
+    from joblib.externals.loky import get_reusable_executor
+
+    config, context = launcher.config, launcher.hydra_context
+    if config.sweep.fail_fast:
+        raise error
+    metric, direction = config.objective.metric, config.objective.direction
+    jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+    dirs = {num: _job_dir(context, config, overrides, num) for num, overrides in jobs}
+    values = {num: finished_objective(dirs[num], metric, direction) for num, _ in jobs}
+    unfinished = [num for num, _ in jobs if values[num] is None]
+    log.warning(
+        "A job process was killed (%s); re-running job(s) %s one at a time",
+        type(error).__name__,
+        ", ".join(f"#{num}" for num in unfinished),
+    )
+    singleton_state = Singleton.get_state()
+    returns = []
+    for num, overrides in jobs:
+        ret = None
+        if values[num] is None:
+            args = (num, overrides, context, config, launcher.task_function, singleton_state)
+            try:
+                ret = get_reusable_executor(max_workers=1).submit(execute_job, *args).result()
+            except BrokenProcessPool as crash:
+                record_failure(dirs[num], crash, reason=CRASH_REASON)
+                values[num] = worst_value(direction)
+        if ret is None:  # finished before, or killed again: its value read back
+            ret = JobReturn(overrides=overrides, working_dir=str(dirs[num]))
+            ret.status, ret.return_value = JobStatus.COMPLETED, values[num]
+        returns.append(ret)
+    return returns
+
+
+def _job_dir(context, config, overrides: list[str], num: int) -> Path:
+    """The directory job ``num`` runs in, as the joblib launcher's ``execute_job`` sets it up."""
+    sweep_config = context.config_loader.load_sweep_config(config, overrides)
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
+        sweep_config.hydra.job.num = num
+    return Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
 
 
 def gpu_count() -> int:

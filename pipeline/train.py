@@ -62,6 +62,9 @@ def check_config(cfg: DictConfig) -> None:
     Raises:
         PipelineError: naming the key, the value received and the valid ones.
     """
+    from pipeline import security
+
+    security.check_targets(cfg)  # every _target_ allowlisted before anything is instantiated
     for key, valid in CHOICES.items():
         value = OmegaConf.select(cfg, key, default="__absent__")
         if value != "__absent__" and value not in valid:
@@ -271,6 +274,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             },
         ),
     )
+    from pipeline import security
+
+    security.record_artifacts(
+        run_dir, [run_dir / "model.keras", *sorted((run_dir / "checkpoints").glob("*.weights.h5"))]
+    )
     if cfg.export.formats:
         from pipeline import export
 
@@ -350,6 +358,12 @@ def _job() -> tuple[Path, bool, Path | None]:
     )
 
 
+def _job_num() -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.num
+
+
 def _objective(metrics: dict, metric: str) -> float:
     """The metric sweepers optimize, checked to be a finite number.
 
@@ -381,6 +395,8 @@ def main(cfg: DictConfig) -> float:
     exits with status 2 on a :class:`PipelineError`.
     """
     job_dir, in_sweep, parallel_sweep_dir = _job()
+    if in_sweep:  # test hook: PIPELINE_TEST_KILL_JOB=<job number> SIGKILLs that job here
+        sweep.kill_job_for_tests(_job_num())
     direction = cfg.objective.direction
     if direction not in sweep.DIRECTIONS:
         _exit(PipelineError(f"objective.direction must be maximize or minimize, got {direction!r}"))

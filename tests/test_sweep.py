@@ -31,7 +31,7 @@ def images(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("sweep") / "images", per_class=10)
 
 
-def _multirun(sweep_dir, images, *overrides, timeout=240):
+def _multirun(sweep_dir, images, *overrides, timeout=240, env=None):
     return subprocess.run(
         [
             sys.executable,
@@ -47,6 +47,7 @@ def _multirun(sweep_dir, images, *overrides, timeout=240):
         text=True,
         cwd=REPO,
         timeout=timeout,
+        env=env,
     )
 
 
@@ -149,7 +150,7 @@ def _compose_hydra(overrides):
 @pytest.mark.parametrize(
     "launcher, target, key, value",
     [
-        ("joblib", "hydra_joblib_launcher.joblib_launcher.JoblibLauncher", "n_jobs", 2),
+        ("joblib", "pipeline_sweep_launcher.SurvivingJoblibLauncher", "n_jobs", 2),
         ("slurm", "hydra_submitit_launcher.submitit_launcher.SlurmLauncher", "gpus_per_node", 1),
     ],
 )
@@ -191,3 +192,22 @@ def test_parallel_jobs_claim_different_gpus(tmp_path, monkeypatch):
     )
     assert other.stdout.strip() == "1", other.stderr
     sweep._GPU_LOCK.close()
+
+
+def test_joblib_sweep_survives_a_killed_job(tmp_path, images):
+    env = {**os.environ, sweep.KILL_JOB_ENV: "1"}  # job 1 SIGKILLs itself, like an OOM kill
+    proc = _multirun(
+        tmp_path, images, "launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1,2", env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = (proc.stdout + proc.stderr).splitlines()
+    assert "#1" in next(line for line in output if "re-running job(s)" in line)
+    failure = json.loads((tmp_path / "1" / "failed.json").read_text())
+    assert failure["reason"] == sweep.CRASH_REASON
+    rows = {r["job"]: r for r in _summary(tmp_path)}
+    assert sorted(rows) == ["0", "1", "2"]
+    assert [rows[job]["status"] for job in ("0", "1", "2")] == ["ok", "failed", "ok"]
+    assert "crashed" in rows["1"]["reason"] and rows["1"]["best"] == "False"
+    for job in ("0", "2"):
+        assert (tmp_path / job / "metrics.json").is_file()
+        assert not (tmp_path / job / "failed.json").exists()

@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from conftest import REPO, compose, write_image_folder
 from pipeline import trainer
+from pipeline.errors import PipelineError
 from pipeline.train import train
 
 TINY = ["data.image_size=16", "data.batch_size=8", "model.width=4", "trainer.verbose=0"]
@@ -249,3 +250,20 @@ def test_default_config_reaches_99_percent_on_digits(tmp_path):
     """The README's first command: the default cnn on digits, >= 99% test accuracy."""
     metrics = train(compose(["trainer.verbose=0"]), run_dir=tmp_path / "run")
     assert metrics["test_accuracy"] >= 0.99, metrics
+
+
+def test_train_refuses_a_target_outside_the_allowlist(tmp_path):
+    canary = tmp_path / "canary"
+    cfg = compose(["optimizer._target_=os.system", f"+optimizer.command='touch {canary}'"])
+    with pytest.raises(PipelineError, match=r"optimizer\._target_='os\.system' is not allowed"):
+        train(cfg, run_dir=tmp_path / "run")
+    assert not canary.exists() and not (tmp_path / "run").exists()
+
+
+def test_run_records_artifact_hashes(tiny_run):
+    run_dir, _, _ = tiny_run
+    from pipeline import security
+
+    artifacts = json.loads((run_dir / "manifest.json").read_text())["artifacts"]
+    assert artifacts["model.keras"] == security.sha256_file(run_dir / "model.keras")
+    assert "checkpoints/best.weights.h5" in artifacts and "export/saved_model" in artifacts
