@@ -41,10 +41,12 @@ from pipeline import runinfo
 from pipeline.errors import PipelineError
 from pipeline.train import (
     CONF_DIR,
-    _data_options,
-    _optimizer_factory,
-    _prepare_run_dir,
     check_config,
+    class_weights_for,
+    data_options,
+    model_factories,
+    prepare_run_dir,
+    setup_training,
 )
 
 log = logging.getLogger("pipeline.bench")
@@ -100,7 +102,7 @@ def bench(cfg: DictConfig, run_dir=None) -> dict:
     """
     check_config(cfg)
     check_bench(cfg.bench)
-    run_dir = _prepare_run_dir(cfg, run_dir)
+    run_dir = prepare_run_dir(cfg, run_dir)
     strategy, plan, devices = _setup(cfg)
     bundle, prepare_s = _load_bundle(cfg)
     model = _build_model(cfg, bundle, strategy, plan)
@@ -110,7 +112,7 @@ def bench(cfg: DictConfig, run_dir=None) -> dict:
         "windows": int(cfg.bench.windows),
     }
     which = [m for m in MEASUREMENTS if m in cfg.bench.which]
-    weights = _class_weight(cfg, bundle)
+    weights = class_weights_for(cfg, bundle)
     spe = cfg.trainer.steps_per_execution
     windows = _measure_all(which, model, bundle, timing, weights, plan, spe)
     result = summarize(windows)
@@ -148,20 +150,7 @@ def bench(cfg: DictConfig, run_dir=None) -> dict:
 
 def _setup(cfg: DictConfig):
     """Devices, plan and strategy, as ``pipeline.train`` sets them up."""
-    from pipeline import models, trainer
-
-    t = cfg.trainer
-    devices = trainer.setup_devices(
-        logical_cpus=t.logical_cpus, deterministic=t.deterministic, seed=cfg.seed
-    )
-    try:
-        models.get_model(cfg.model.arch)  # an unknown name fails before data loading
-    except ValueError as err:
-        raise PipelineError(f"model.arch: {err}") from err
-    plan = trainer.plan(
-        strategy=t.strategy, precision=t.precision, jit_compile=t.jit_compile, devices=devices
-    )
-    strategy = trainer.make_strategy(plan.strategy, devices)
+    devices, plan, strategy = setup_training(cfg)
     print(f"Plan: {'; '.join(plan.reasons) or 'as configured'}", flush=True)
     return strategy, plan, devices
 
@@ -186,7 +175,7 @@ def _load_bundle(cfg: DictConfig):
         )
     else:
         print(f"Loading data.source={cfg.data.source} ...", flush=True)
-        options = _data_options(cfg.data)
+        options = data_options(cfg.data)
         source = data.load_source(
             cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **options
         )
@@ -209,31 +198,10 @@ def _load_bundle(cfg: DictConfig):
 
 def _build_model(cfg: DictConfig, bundle, strategy, plan):
     """The compiled model, built as ``pipeline.train`` builds it, without the pre-flight step."""
-    from pipeline import models, trainer
+    from pipeline import trainer
 
-    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    arch = model_kwargs.pop("arch")
-
-    def build_model():
-        try:
-            return models.build(
-                arch,
-                num_classes=bundle.num_classes,
-                input_shape=bundle.image_shape,
-                mean=bundle.mean,
-                std=bundle.std,
-                **model_kwargs,
-            )
-        except (ValueError, FileNotFoundError, TypeError) as err:
-            raise PipelineError(f"model={arch}: {err}") from err
-
-    build_optimizer, _ = _optimizer_factory(
-        cfg.optimizer,
-        schedule_cfg=cfg.schedule,
-        global_batch=cfg.data.batch_size,
-        steps_per_epoch=bundle.steps_per_epoch(),
-        epochs=cfg.trainer.epochs,
-    )
+    build_model, build_optimizer, _ = model_factories(cfg, bundle)
+    arch = cfg.model.arch
     print(
         f"Building model={arch} ({plan.strategy}, {plan.precision}, XLA {plan.jit_compile})",
         flush=True,
@@ -252,15 +220,6 @@ def _build_model(cfg: DictConfig, bundle, strategy, plan):
         },
     )
     return model
-
-
-def _class_weight(cfg: DictConfig, bundle) -> dict | None:
-    """The loss weights training passes to ``fit`` (``data.class_weights=auto``), or None."""
-    if cfg.data.get("class_weights") != "auto":
-        return None
-    from pipeline import data
-
-    return data.class_weights(bundle.stats["class_counts"], bundle.class_names)
 
 
 def _measure_all(which, model, bundle, timing: dict, weights, plan, steps_per_execution) -> dict:

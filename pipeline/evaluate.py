@@ -386,13 +386,13 @@ def _test_split(run: Run, test_path: str | None):
             other folder has classes the model does not know.
     """
     from pipeline import data
-    from pipeline.train import _data_options
+    from pipeline.train import data_options
 
     if test_path:
         return _folder_split(run, test_path)
     cfg = run.config
     source = data.load_source(
-        cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **_data_options(cfg.data)
+        cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **data_options(cfg.data)
     )
     recorded = run.manifest["data"]["splits"]["test"]
     if source.test.members != recorded or source.class_names != run.class_names:

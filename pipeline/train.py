@@ -85,7 +85,7 @@ def check_config(cfg: DictConfig) -> None:
         )
 
 
-def _data_options(data_cfg: DictConfig) -> dict:
+def data_options(data_cfg: DictConfig) -> dict:
     options = OmegaConf.to_container(data_cfg, resolve=True)
     source = options["source"]
     kept = {k: v for k, v in options.items() if k not in COMMON_DATA_KEYS}
@@ -130,24 +130,16 @@ def _optimizer_factory(
     return build_optimizer, peak_lr
 
 
-def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
-    """Trains, evaluates and saves one model as the config says.
-
-    Args:
-        cfg: the composed config (``conf/config.yaml`` plus overrides).
-        run_dir: where to write; defaults to Hydra's output dir.
+def setup_training(cfg: DictConfig):
+    """Devices, seeds, the resolved strategy/precision/XLA plan and the strategy.
 
     Returns:
-        The final metrics (also written to ``<run_dir>/metrics.json``).
+        ``(devices, plan, strategy)``.
 
     Raises:
-        PipelineError: a problem with the config, data or files.
+        PipelineError: an unknown model, or a combination that cannot work.
     """
-    started = time.perf_counter()
-    check_config(cfg)
-    run_dir = _prepare_run_dir(cfg, run_dir)
-
-    from pipeline import data, doctor, models, runinfo, trainer
+    from pipeline import models, trainer
 
     t = cfg.trainer
     devices = trainer.setup_devices(
@@ -168,6 +160,81 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
             f"does not work with {replicas} replicas (Keras raises under a multi-replica "
             "strategy). Raise data.batch_size instead, or use one device."
         )
+    return devices, plan, strategy
+
+
+def class_weights_for(cfg: DictConfig, bundle) -> dict | None:
+    """The per-class loss weights ``data.class_weights`` asks for, or None.
+
+    Raises:
+        PipelineError: a value other than null or auto.
+    """
+    choice = cfg.data.get("class_weights")
+    if choice is None:
+        return None
+    if choice != "auto":
+        raise PipelineError(f"data.class_weights must be null or auto, got {choice!r}")
+    from pipeline import data
+
+    return data.class_weights(bundle.stats["class_counts"], bundle.class_names)
+
+
+def model_factories(cfg: DictConfig, bundle):
+    """What the trainer calls under the strategy's scope to build the model and optimizer.
+
+    Returns:
+        ``(build_model, build_optimizer, peak_lr)``; the learning rate is
+        ``optimizer.lr`` scaled from ``optimizer.ref_batch`` to the global batch.
+    """
+    from pipeline import models
+
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    arch = model_kwargs.pop("arch")
+
+    def build_model():
+        try:
+            return models.build(
+                arch,
+                num_classes=bundle.num_classes,
+                input_shape=bundle.image_shape,
+                mean=bundle.mean,
+                std=bundle.std,
+                **model_kwargs,
+            )
+        except (ValueError, FileNotFoundError, TypeError) as err:
+            raise PipelineError(f"model={arch}: {err}") from err
+
+    build_optimizer, peak_lr = _optimizer_factory(
+        cfg.optimizer,
+        schedule_cfg=cfg.schedule,
+        global_batch=cfg.data.batch_size,
+        steps_per_epoch=bundle.steps_per_epoch(),
+        epochs=cfg.trainer.epochs,
+    )
+    return build_model, build_optimizer, peak_lr
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
+    """Trains, evaluates and saves one model as the config says.
+
+    Args:
+        cfg: the composed config (``conf/config.yaml`` plus overrides).
+        run_dir: where to write; defaults to Hydra's output dir.
+
+    Returns:
+        The final metrics (also written to ``<run_dir>/metrics.json``).
+
+    Raises:
+        PipelineError: a problem with the config, data or files.
+    """
+    started = time.perf_counter()
+    check_config(cfg)
+    run_dir = prepare_run_dir(cfg, run_dir)
+
+    from pipeline import data, doctor, runinfo, trainer
+
+    t = cfg.trainer
+    devices, plan, strategy = setup_training(cfg)
     machine = doctor.report(strategy=t.strategy, precision=t.precision, jit_compile=t.jit_compile)
     print(doctor.summary_line(machine), flush=True)
     log.info(
@@ -175,7 +242,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     )
 
     source = data.load_source(
-        cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **_data_options(cfg.data)
+        cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **data_options(cfg.data)
     )
     scan_report = source.details.pop("scan", None)
     if scan_report is not None:
@@ -200,36 +267,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         " (cached)" if bundle.stats.get("cached") else "",
         bundle.stats["imbalance"],
     )
-    weights = None
-    if cfg.data.get("class_weights") == "auto":
-        weights = data.class_weights(bundle.stats["class_counts"], bundle.class_names)
-    elif cfg.data.get("class_weights") is not None:
-        raise PipelineError(
-            f"data.class_weights must be null or auto, got {cfg.data.class_weights!r}"
-        )
-    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    arch = model_kwargs.pop("arch")
-
-    def build_model():
-        try:
-            return models.build(
-                arch,
-                num_classes=bundle.num_classes,
-                input_shape=bundle.image_shape,
-                mean=bundle.mean,
-                std=bundle.std,
-                **model_kwargs,
-            )
-        except (ValueError, FileNotFoundError, TypeError) as err:
-            raise PipelineError(f"model={arch}: {err}") from err
-
-    build_optimizer, peak_lr = _optimizer_factory(
-        cfg.optimizer,
-        schedule_cfg=cfg.schedule,
-        global_batch=cfg.data.batch_size,
-        steps_per_epoch=bundle.steps_per_epoch(),
-        epochs=t.epochs,
-    )
+    weights = class_weights_for(cfg, bundle)
+    build_model, build_optimizer, peak_lr = model_factories(cfg, bundle)
     early = OmegaConf.to_container(t.early_stopping) if t.early_stopping.enabled else None
     result = trainer.fit(
         strategy=strategy,
@@ -292,7 +331,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     return metrics
 
 
-def _prepare_run_dir(cfg: DictConfig, run_dir) -> Path:
+def prepare_run_dir(cfg: DictConfig, run_dir) -> Path:
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 

@@ -35,7 +35,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.errors import PipelineError
-from pipeline.train import CONF_DIR, _data_options, _prepare_run_dir, check_config
+from pipeline.train import CONF_DIR, check_config, data_options, prepare_run_dir
 
 log = logging.getLogger("pipeline.data.inspect")
 
@@ -69,14 +69,14 @@ def inspect_data(cfg: DictConfig, run_dir=None) -> dict:
     per_class = int(OmegaConf.select(cfg, "inspect.samples_per_class", default=SAMPLES_PER_CLASS))
     if per_class < 1:
         raise PipelineError(f"inspect.samples_per_class must be >= 1, got {per_class}")
-    run_dir = _prepare_run_dir(cfg, run_dir)
+    run_dir = prepare_run_dir(cfg, run_dir)
 
     from PIL import Image
 
     from pipeline import data, runinfo
 
     d = cfg.data
-    source = data.load_source(d.source, image_size=d.image_size, seed=cfg.seed, **_data_options(d))
+    source = data.load_source(d.source, image_size=d.image_size, seed=cfg.seed, **data_options(d))
     scan_report = source.details.pop("scan", None)
     train = source.train.images.cache()  # the stats pass fills it; sampling reads memory
     num_classes = len(source.class_names)
