@@ -35,6 +35,7 @@ CHOICES = {
     "trainer.strategy": ("auto", "mirrored", "multi_worker", "one_device", "default"),
     "trainer.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "trainer.jit_compile": ("auto", True, False),
+    "trainer.adversarial": ("none", "fgsm_rs", "pgd"),
     "schedule.name": ("constant", "step", "cosine"),
     "data.source": ("digits", "folder", "tfds"),
     "data.resize": ("crop", "pad", "stretch"),
@@ -83,6 +84,22 @@ def check_config(cfg: DictConfig) -> None:
             f"optimizer.lr must be > 0 and optimizer.ref_batch >= 1, got "
             f"{cfg.optimizer.lr} and {cfg.optimizer.ref_batch}"
         )
+    if cfg.trainer.get("adversarial", "none") != "none":
+        from pipeline import adversarial_training
+
+        try:
+            adversarial_training.check(**_adversarial_options(cfg.trainer))
+        except ValueError as err:
+            raise PipelineError(f"trainer.{err}") from err
+
+
+def _adversarial_options(trainer_cfg: DictConfig) -> dict:
+    return {
+        "method": trainer_cfg.get("adversarial", "none"),
+        "eps": float(trainer_cfg.get("adversarial_eps", 0.0)),
+        "steps": int(trainer_cfg.get("adversarial_steps", 1)),
+        "step_size": trainer_cfg.get("adversarial_step_size"),
+    }
 
 
 def data_options(data_cfg: DictConfig) -> dict:
@@ -186,14 +203,15 @@ def model_factories(cfg: DictConfig, bundle):
         ``(build_model, build_optimizer, peak_lr)``; the learning rate is
         ``optimizer.lr`` scaled from ``optimizer.ref_batch`` to the global batch.
     """
-    from pipeline import models
+    from pipeline import adversarial_training, models
 
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    adversarial = _adversarial_options(cfg.trainer)
     arch = model_kwargs.pop("arch")
 
     def build_model():
         try:
-            return models.build(
+            model = models.build(
                 arch,
                 num_classes=bundle.num_classes,
                 input_shape=bundle.image_shape,
@@ -203,6 +221,7 @@ def model_factories(cfg: DictConfig, bundle):
             )
         except (ValueError, FileNotFoundError, TypeError) as err:
             raise PipelineError(f"model={arch}: {err}") from err
+        return adversarial_training.wrap(model, **adversarial)  # "none": the model itself
 
     build_optimizer, peak_lr = _optimizer_factory(
         cfg.optimizer,

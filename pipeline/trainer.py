@@ -504,4 +504,5 @@ def fit(
             "fallbacks": [a for a in attempts if not a["ok"]],
         }
     )
-    return FitResult(metrics=metrics, history=hist, attempts=attempts, model=model)
+    plain = getattr(model, "inner", model)  # an adversarial-training wrapper saves its inner model
+    return FitResult(metrics=metrics, history=hist, attempts=attempts, model=plain)
