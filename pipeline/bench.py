@@ -25,6 +25,7 @@ so every number is the steady state of epochs after the first.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import statistics
@@ -46,6 +47,7 @@ from pipeline.train import (
     data_options,
     model_factories,
     prepare_run_dir,
+    select_backend,
     setup_training,
 )
 
@@ -102,7 +104,13 @@ def bench(cfg: DictConfig, run_dir=None) -> dict:
     """
     check_config(cfg)
     check_bench(cfg.bench)
+    select_backend(cfg.get("backend", "tensorflow"))
     run_dir = prepare_run_dir(cfg, run_dir)
+    synthetic = cfg.bench.synthetic_data or cfg.data.source == "synthetic"
+    if cfg.get("backend", "tensorflow") == "jax" and synthetic:
+        return _bench_jax_synthetic(cfg, run_dir)
+    if cfg.data.source == "synthetic":
+        cfg.bench.synthetic_data = True
     strategy, plan, devices = _setup(cfg)
     bundle, prepare_s = _load_bundle(cfg)
     model = _build_model(cfg, bundle, strategy, plan)
@@ -146,6 +154,132 @@ def bench(cfg: DictConfig, run_dir=None) -> dict:
     print(format_table(result))
     print(f"bench.json: {out}", flush=True)
     return result
+
+
+def _bench_jax_synthetic(cfg: DictConfig, run_dir) -> dict:
+    """``backend=jax`` on random images: Keras-JAX on NumPy batches, no TensorFlow imported.
+
+    Runs ``synthetic`` (one batch repeated) and ``keras_fit`` (the random set cycled);
+    ``pipeline`` and ``end_to_end`` need tf.data and are skipped.
+    """
+    import jax
+    import keras
+
+    from pipeline import models
+    from pipeline.train import _optimizer_factory
+
+    b, seed = cfg.bench, int(cfg.seed)
+    size, batch, count = int(cfg.data.image_size), int(cfg.data.batch_size), int(b.synthetic_images)
+    if count < batch:
+        raise PipelineError(
+            f"bench.synthetic_images must be >= data.batch_size ({batch}), got {count}"
+        )
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, (count, size, size, 3)).astype("float32")
+    y = np.eye(int(b.synthetic_classes), dtype="float32")[
+        rng.integers(0, b.synthetic_classes, count)
+    ]
+    gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
+    n_devices = len(jax.local_devices())
+    precision = cfg.trainer.precision
+    if precision == "auto":
+        precision = "mixed_bfloat16" if gpus else "float32"
+    jit = True if cfg.trainer.jit_compile == "auto" else bool(cfg.trainer.jit_compile)
+    strategy = "jax_data_parallel" if n_devices > 1 else "jax_single"
+    keras.mixed_precision.set_global_policy(precision)
+    seed_without_tensorflow(seed)  # Keras's own would import TensorFlow where installed
+    if n_devices > 1:
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
+    arch = model_kwargs.pop("arch")
+    pixels = x.reshape(-1, 3) / 255.0
+    try:
+        model = models.build(
+            arch,
+            num_classes=int(b.synthetic_classes),
+            input_shape=(size, size, 3),
+            mean=pixels.mean(0).tolist(),
+            std=pixels.std(0).tolist(),
+            **model_kwargs,
+        )
+    except (ValueError, TypeError) as err:
+        raise PipelineError(f"model={arch}: {err}") from err
+    build_optimizer, _ = _optimizer_factory(
+        cfg.optimizer,
+        schedule_cfg=cfg.schedule,
+        global_batch=batch,
+        steps_per_epoch=max(count // batch, 1),
+        epochs=int(cfg.trainer.epochs),
+    )
+    model.compile(
+        optimizer=build_optimizer(),
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=float(cfg.trainer.label_smoothing)
+        ),
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+        jit_compile=jit,
+        steps_per_execution=int(cfg.trainer.steps_per_execution),
+    )
+    print(f"Building model={arch} (JAX {strategy}, {precision}, XLA {jit})", flush=True)
+    timing = {"warmup_steps": int(b.warmup_steps), "steps": int(b.steps), "windows": int(b.windows)}
+    in_memory = [(x[i : i + batch], y[i : i + batch]) for i in range(0, count - batch + 1, batch)]
+    batches = {  # generators: Keras-JAX takes them as they are (arrays would need steps math)
+        "synthetic": lambda: (pair for pair in itertools.repeat((x[:batch], y[:batch]))),
+        "keras_fit": lambda: (pair for pair in itertools.cycle(in_memory)),
+    }
+    windows = {}
+    for name in [m for m in MEASUREMENTS if m in b.which]:
+        if name not in batches:
+            print(f"{name}: skipped (needs tf.data; backend=jax with synthetic data)", flush=True)
+            continue
+        windows[name] = measure_fit(model, batches[name](), **timing, batch_size=batch, label=name)
+    result = summarize(windows)
+    result.update(
+        plan={
+            "backend": "jax",
+            "strategy": strategy,
+            "num_replicas": n_devices if n_devices > 1 else 1,
+            "precision": precision,
+            "jit_compile": jit,
+            "reasons": [f"JAX, {n_devices} local device(s), TensorFlow not imported"],
+            "gpus": len(gpus),
+        },
+        settings={
+            **timing,
+            "batch_size": batch,
+            "steps_per_execution": int(cfg.trainer.steps_per_execution),
+            "model": arch,
+            "keras_fit_images": count if "keras_fit" in windows else None,
+        },
+        data={
+            "source": "synthetic",
+            "image_shape": [size, size, 3],
+            "num_classes": int(b.synthetic_classes),
+            "train_images": count,
+            "steps_per_epoch": count // batch,
+            "prepare_s": 0.0,
+        },
+    )
+    out = Path(run_dir) / "bench.json"
+    runinfo.write_json(out, result)
+    print(format_table(result))
+    print(f"bench.json: {out}", flush=True)
+    return result
+
+
+def seed_without_tensorflow(seed: int) -> None:
+    """``keras.utils.set_random_seed`` without its ``tf.random.set_seed`` (imports TensorFlow)."""
+    import random
+
+    import numpy as np
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+
+    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)
 
 
 def _setup(cfg: DictConfig):

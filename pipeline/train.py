@@ -31,13 +31,15 @@ COMMON_DATA_KEYS = (
     "cache_dir",
     "class_weights",
 )
+BACKENDS = ("tensorflow", "jax")
 CHOICES = {
+    "backend": BACKENDS,
     "trainer.strategy": ("auto", "mirrored", "multi_worker", "one_device", "default"),
     "trainer.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "trainer.jit_compile": ("auto", True, False),
     "trainer.adversarial": ("none", "fgsm_rs", "pgd"),
     "schedule.name": ("constant", "step", "cosine"),
-    "data.source": ("digits", "folder", "tfds"),
+    "data.source": ("digits", "folder", "tfds", "synthetic"),
     "data.resize": ("crop", "pad", "stretch"),
 }
 HPARAM_KEYS = (  # logged for the HParams dashboard, with whatever the command line overrides
@@ -84,6 +86,11 @@ def check_config(cfg: DictConfig) -> None:
             f"optimizer.lr must be > 0 and optimizer.ref_batch >= 1, got "
             f"{cfg.optimizer.lr} and {cfg.optimizer.ref_batch}"
         )
+    if cfg.get("backend") == "jax" and cfg.trainer.get("adversarial", "none") != "none":
+        raise PipelineError(
+            f"trainer.adversarial={cfg.trainer.adversarial} needs backend=tensorflow "
+            "(its attack step uses tf.GradientTape)"
+        )
     if cfg.trainer.get("adversarial", "none") != "none":
         from pipeline import adversarial_training
 
@@ -91,6 +98,26 @@ def check_config(cfg: DictConfig) -> None:
             adversarial_training.check(**_adversarial_options(cfg.trainer))
         except ValueError as err:
             raise PipelineError(f"trainer.{err}") from err
+
+
+def select_backend(backend: str) -> None:
+    """Points Keras at ``backend`` (``tensorflow`` or ``jax``); call before Keras is imported.
+
+    Raises:
+        PipelineError: an unknown backend, or Keras already imported with another one
+            (a second ``train(cfg)`` in one process cannot switch).
+    """
+    if backend not in BACKENDS:
+        raise PipelineError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if "keras" in sys.modules:
+        current = sys.modules["keras"].backend.backend()
+        if current != backend:
+            raise PipelineError(
+                f"backend={backend} asked for, but Keras is already imported with the "
+                f"{current} backend in this process; run a fresh process."
+            )
+        return
+    os.environ["KERAS_BACKEND"] = backend
 
 
 def _adversarial_options(trainer_cfg: DictConfig) -> dict:
@@ -159,15 +186,20 @@ def setup_training(cfg: DictConfig):
     from pipeline import models, trainer
 
     t = cfg.trainer
+    backend = cfg.get("backend", "tensorflow")
     devices = trainer.setup_devices(
-        logical_cpus=t.logical_cpus, deterministic=t.deterministic, seed=cfg.seed
+        logical_cpus=t.logical_cpus, deterministic=t.deterministic, seed=cfg.seed, backend=backend
     )
     try:
         models.get_model(cfg.model.arch)  # an unknown name fails before data loading
     except ValueError as err:
         raise PipelineError(f"model.arch: {err}") from err
     plan = trainer.plan(
-        strategy=t.strategy, precision=t.precision, jit_compile=t.jit_compile, devices=devices
+        strategy=t.strategy,
+        precision=t.precision,
+        jit_compile=t.jit_compile,
+        devices=devices,
+        backend=backend,
     )
     strategy = trainer.make_strategy(plan.strategy, devices)
     replicas = strategy.num_replicas_in_sync
@@ -248,14 +280,22 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     """
     started = time.perf_counter()
     check_config(cfg)
+    select_backend(cfg.get("backend", "tensorflow"))
+    if cfg.data.source == "synthetic":
+        raise PipelineError("data=synthetic is for `python -m pipeline.bench` only; pick real data")
     run_dir = prepare_run_dir(cfg, run_dir)
 
     from pipeline import data, doctor, runinfo, trainer
 
     t = cfg.trainer
     devices, plan, strategy = setup_training(cfg)
-    machine = doctor.report(strategy=t.strategy, precision=t.precision, jit_compile=t.jit_compile)
-    print(doctor.summary_line(machine), flush=True)
+    if cfg.get("backend", "tensorflow") == "tensorflow":
+        machine = doctor.report(
+            strategy=t.strategy, precision=t.precision, jit_compile=t.jit_compile
+        )
+        print(doctor.summary_line(machine), flush=True)
+    else:  # the doctor checks TensorFlow's view of the GPUs, which JAX does not use
+        machine = {"keras_backend": cfg.backend, "devices": devices.cpus}
     log.info(
         "Devices: %d GPU(s), CPUs %s. %s", len(devices.gpus), devices.cpus, "; ".join(plan.reasons)
     )
@@ -310,14 +350,23 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         confusion_matrix_every=t.confusion_matrix_every,
     )
     result.model.save(run_dir / "model.keras")
-    metrics = {**result.metrics, "peak_lr": peak_lr, "wall_time_s": time.perf_counter() - started}
+    metrics = {
+        **result.metrics,
+        "backend": cfg.get("backend", "tensorflow"),
+        "peak_lr": peak_lr,
+        "wall_time_s": time.perf_counter() - started,
+    }
     runinfo.write_json(run_dir / "metrics.json", metrics)
     runinfo.write_json(run_dir / "history.json", result.history)
     runinfo.write_json(
         run_dir / "manifest.json",
         runinfo.manifest(
             devices={"gpus": devices.gpus, "cpus": devices.cpus, "doctor": machine},
-            plan={**vars(plan), "attempts": result.attempts},
+            plan={
+                **vars(plan),
+                "attempts": result.attempts,
+                "backend": cfg.get("backend", "tensorflow"),
+            },
             data={
                 "source": source.name,
                 "fingerprint": source.fingerprint,
@@ -337,7 +386,14 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     security.record_artifacts(
         run_dir, [run_dir / "model.keras", *sorted((run_dir / "checkpoints").glob("*.weights.h5"))]
     )
-    if cfg.export.formats:
+    if cfg.export.formats and cfg.get("backend", "tensorflow") != "tensorflow":
+        log.warning(
+            "export.formats=%s skipped: export traces the model with TensorFlow; run "
+            "`python -m pipeline.export run_dir=%s` (TensorFlow backend) on this run",
+            list(cfg.export.formats),
+            run_dir,
+        )
+    elif cfg.export.formats:
         from pipeline import export
 
         parity = export.export_run(run_dir, formats=list(cfg.export.formats))

@@ -1,14 +1,16 @@
-"""Training under a tf.distribute strategy with XLA and mixed precision.
+"""Training under a tf.distribute strategy (or Keras-JAX) with XLA and mixed precision.
 
 ``setup_devices`` must run before TensorFlow touches a device; ``plan`` turns
 the ``auto`` choices into concrete ones for the devices found; ``fit`` builds
 the model under the strategy, runs a pre-flight step (falling back to XLA off,
 then float32, when a combination fails), trains with the standard callbacks
-and evaluates.
+and evaluates. Under the JAX backend (``backend=jax``) the devices are JAX's and
+the strategy is a :class:`JaxStrategy` (``keras.distribution``); the rest is the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -65,18 +67,24 @@ class FitResult:
     model: keras.Model
 
 
-def setup_devices(*, logical_cpus: int | None, deterministic: bool, seed: int) -> Devices:
+def setup_devices(
+    *, logical_cpus: int | None, deterministic: bool, seed: int, backend: str = "tensorflow"
+) -> Devices:
     """Configures devices, determinism and seeds; call before any TensorFlow op.
 
     Args:
         logical_cpus: split the CPU into this many logical devices (to run
-            MirroredStrategy without GPUs), or None.
-        deterministic: turn on TensorFlow's op determinism.
+            MirroredStrategy without GPUs), or None. TensorFlow backend only.
+        deterministic: turn on TensorFlow's op determinism (the tf.data input
+            pipeline too under the JAX backend).
         seed: seeds Python, NumPy, TensorFlow and Keras.
+        backend: ``tensorflow``, or ``jax``: the devices are JAX's local ones.
 
     Returns:
         The devices found.
     """
+    if backend == "jax":
+        return _setup_jax_devices(deterministic=deterministic, seed=seed)
     if logical_cpus:
         cpu = tf.config.list_physical_devices("CPU")[0]
         configs = [tf.config.LogicalDeviceConfiguration() for _ in range(int(logical_cpus))]
@@ -106,7 +114,31 @@ def setup_devices(*, logical_cpus: int | None, deterministic: bool, seed: int) -
     return Devices(gpus=gpus, cpus=cpus)
 
 
-def plan(*, strategy: str, precision: str, jit_compile, devices: Devices) -> Plan:
+def _setup_jax_devices(*, deterministic: bool, seed: int) -> Devices:
+    import jax
+
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()  # the tf.data pipeline feeding Keras
+    keras.utils.set_random_seed(seed)
+    local = jax.local_devices()
+    gpus = [
+        {
+            "name": str(d),
+            "device_name": getattr(d, "device_kind", ""),
+            "compute_capability": [
+                int(p) for p in str(getattr(d, "compute_capability", "") or "").split(".") if p
+            ],
+        }
+        for d in local
+        if d.platform == "gpu"
+    ]
+    cpus = [str(d) for d in local if d.platform == "cpu"]
+    return Devices(gpus=gpus, cpus=cpus)
+
+
+def plan(
+    *, strategy: str, precision: str, jit_compile, devices: Devices, backend: str = "tensorflow"
+) -> Plan:
     """Resolves ``auto`` choices for the devices found.
 
     Raises:
@@ -120,7 +152,18 @@ def plan(*, strategy: str, precision: str, jit_compile, devices: Devices) -> Pla
         raise PipelineError(f"trainer.jit_compile must be auto, true or false, got {jit_compile!r}")
     reasons = []
     n_gpus = len(devices.gpus)
-    if strategy == "auto":
+    if backend == "jax":
+        if strategy == "multi_worker":
+            raise PipelineError(
+                "trainer.strategy=multi_worker needs backend=tensorflow; under JAX use "
+                "trainer.strategy=auto (data parallel over this host's devices)"
+            )
+        n_local = len(devices.gpus) or len(devices.cpus)
+        requested = strategy
+        single = strategy in ("one_device", "default") or n_local < 2  # as one TF device
+        strategy = "jax_single" if single else "jax_data_parallel"
+        reasons.append(f"strategy {requested} -> {strategy} (JAX, {n_local} local device(s))")
+    elif strategy == "auto":
         if os.environ.get("TF_CONFIG"):
             strategy, why = "multi_worker", "TF_CONFIG is set"
         elif n_gpus > 1:
@@ -139,7 +182,10 @@ def plan(*, strategy: str, precision: str, jit_compile, devices: Devices) -> Pla
         else:
             precision, why = "float32", f"compute capability {cap[0]}.{cap[1]} < 7.0"
         reasons.append(f"precision auto -> {precision} ({why})")
-    if jit_compile == "auto":
+    if jit_compile == "auto" and backend == "jax":
+        jit_compile = True  # un-jitted JAX runs op by op, far slower than XLA even on a CPU
+        reasons.append("jit_compile auto -> True (JAX)")
+    elif jit_compile == "auto":
         jit_compile = n_gpus > 0
         reasons.append(f"jit_compile auto -> {jit_compile} ({'GPU' if n_gpus else 'CPU only'})")
     return Plan(
@@ -147,8 +193,33 @@ def plan(*, strategy: str, precision: str, jit_compile, devices: Devices) -> Pla
     )
 
 
-def make_strategy(name: str, devices: Devices) -> tf.distribute.Strategy:
-    """Creates the tf.distribute strategy ``name`` (already resolved from auto)."""
+class JaxStrategy:
+    """What ``fit`` needs of a strategy under the JAX backend.
+
+    Keras distributes through ``keras.distribution`` there: ``jax_data_parallel``
+    sets a global ``DataParallel`` over the local devices, so the scope is a no-op.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.num_replicas_in_sync = 1
+        keras.distribution.set_distribution(None)
+        if name == "jax_data_parallel":
+            distribution = keras.distribution.DataParallel()
+            keras.distribution.set_distribution(distribution)
+            self.num_replicas_in_sync = len(distribution.device_mesh.devices.flatten())
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+
+def make_strategy(name: str, devices: Devices) -> tf.distribute.Strategy | JaxStrategy:
+    """Creates the tf.distribute strategy ``name`` (already resolved from auto).
+
+    ``jax_single`` and ``jax_data_parallel`` (the JAX backend) give a :class:`JaxStrategy`.
+    """
+    if name in ("jax_single", "jax_data_parallel"):
+        return JaxStrategy(name)
     gpu_names = [g["name"].replace("physical_device:", "") for g in devices.gpus]
     if name in ("mirrored", "multi_worker"):
         compat.patch_symbolic_build()
@@ -231,7 +302,7 @@ def _preflight_step(model, batch_ds) -> None:
     """Runs one training step, then puts weights and optimizer state back."""
     model.optimizer.build(model.trainable_variables)
     weights = model.get_weights()
-    opt_state = [v.numpy() for v in model.optimizer.variables]
+    opt_state = [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables]
     history = model.fit(batch_ds, epochs=1, verbose=0, shuffle=False)
     loss = history.history["loss"][-1]
     if not math.isfinite(loss):
