@@ -41,6 +41,20 @@ def write_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class=6, s
     return root
 
 
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """Writes a PNG whose header claims width x height and that holds no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        crc = struct.pack(">I", zlib.crc32(kind + data))
+        return struct.pack(">I", len(data)) + kind + data + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / "images")

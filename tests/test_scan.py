@@ -4,10 +4,8 @@ import hashlib
 import io
 import json
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO, compose
+from conftest import REPO, compose, png_header_only
 from pipeline.data import scan
 from pipeline.data.sources import decode_file, load_folder
 from pipeline.errors import PipelineError
@@ -32,18 +30,6 @@ def _picture(seed, size=(24, 20)):
     pixels[:, w // 2 :] = BLUE
     noise = np.random.default_rng(seed).integers(0, 30, pixels.shape, dtype=np.uint8)
     return Image.fromarray(pixels + noise)
-
-
-def _png_header_only(path, width, height):
-    """A PNG whose header claims width x height and that holds no pixel data."""
-
-    def chunk(kind, data):
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
 
 
 def _write_dirty_folder(root: Path) -> dict[str, str]:
@@ -72,7 +58,7 @@ def _write_dirty_folder(root: Path) -> dict[str, str]:
     expected["apple/scan.tiff"] = "unsupported format"
     _picture(10, (4, 4)).save(a / "tiny.png")
     expected["apple/tiny.png"] = "too small"
-    _png_header_only(b / "bomb.png", 12_000, 12_000)  # 144M pixels > data.max_pixels
+    png_header_only(b / "bomb.png", 12_000, 12_000)  # 144M pixels > data.max_pixels
     expected["banana/bomb.png"] = "too large"
     shutil.copy(a / "good0.jpg", a / "good0_copy.jpg")
     expected["apple/good0_copy.jpg"] = "duplicate"

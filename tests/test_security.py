@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import struct
-import zlib
 
 import hydra
 import keras
@@ -11,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose, write_image_folder
+from conftest import compose, png_header_only, write_image_folder
 from pipeline import predict as predict_module
 from pipeline import security
 from pipeline.errors import PipelineError
@@ -43,18 +41,6 @@ def run_dir(tmp_path_factory):
 @pytest.fixture
 def run_copy(run_dir, tmp_path):
     return shutil.copytree(run_dir, tmp_path / "run")
-
-
-def _png_header_only(path, width, height):
-    """A PNG whose header claims width x height and that holds no pixel data."""
-
-    def chunk(kind, data):
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
 
 
 def test_every_artifact_has_its_sha256_in_the_manifest(run_dir):
@@ -194,8 +180,8 @@ def test_allowlisted_targets_pass_and_hydra_settings_are_left_alone(tmp_path):
 def test_oversized_and_non_image_files_are_refused_without_decoding(run_dir, tmp_path, monkeypatch):
     good = tmp_path / "good.png"
     Image.fromarray(np.full((20, 20, 3), 200, np.uint8)).save(good)
-    _png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
-    _png_header_only(tmp_path / "big.png", 1200, 1200)  # 1.44 M > the run's 1 M
+    png_header_only(tmp_path / "bomb.png", 100_000, 100_000)
+    png_header_only(tmp_path / "big.png", 1200, 1200)  # 1.44 M > the run's 1 M
     (tmp_path / "notes.png").write_text("not pixels")
     decoded = []
     real = predict_module.read_image
