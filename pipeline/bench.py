@@ -29,7 +29,6 @@ import itertools
 import logging
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import runinfo
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, user_errors
 from pipeline.train import (
     CONF_DIR,
     check_config,
@@ -663,12 +662,8 @@ def format_table(result: dict) -> str:
 @hydra.main(config_path=CONF_DIR, config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point (see ``conf/bench.yaml``)."""
-    try:
+    with user_errors(log):
         bench(cfg)
-    except PipelineError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

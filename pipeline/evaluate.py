@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.adversarial import DEFAULT_EPS
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, user_errors
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -682,7 +681,7 @@ def _print_summary(report: dict, out: Path) -> None:
 @hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point (see ``conf/evaluate.yaml``)."""
-    try:
+    with user_errors():
         require_run_dir(cfg)
         evaluate(
             cfg.run_dir,
@@ -697,9 +696,6 @@ def main(cfg: DictConfig) -> None:
             random_start=cfg.eval.random_start,
             max_examples=cfg.eval.max_examples,
         )
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, ListConfig
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, user_errors
 
 log = logging.getLogger("pipeline.export")
 
@@ -333,14 +332,11 @@ def main(cfg: DictConfig) -> None:
     from pipeline.evaluate import require_run_dir
 
     formats = list(cfg.format) if isinstance(cfg.format, ListConfig) else [cfg.format]
-    try:
+    with user_errors():
         require_run_dir(cfg)
         report = export_run(
             cfg.run_dir, formats=formats, checkpoint=cfg.checkpoint, out_dir=cfg.out_dir
         )
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
     _print_summary(report, Path(cfg.out_dir) if cfg.out_dir else Path(cfg.run_dir) / "export")
 
 

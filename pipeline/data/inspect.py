@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, user_errors
 from pipeline.train import CONF_DIR, check_config, data_options, prepare_run_dir
 
 log = logging.getLogger("pipeline.data.inspect")
@@ -344,12 +343,8 @@ def _sizes_line(sizes: dict, image_size: int) -> str:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: the data keys of ``conf/config.yaml``."""
-    try:
+    with user_errors(log):
         inspect_data(cfg)
-    except PipelineError as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, user_errors
 
 log = logging.getLogger(__name__)
 
@@ -395,13 +395,10 @@ def main() -> None:
         if d.source != "folder":
             print(f"error: scan needs data=folder, got data.source={d.source!r}", file=sys.stderr)
             sys.exit(2)
-        try:
+        with user_errors():
             result = scan_folder(
                 d.path, min_size=d.min_size, max_pixels=d.max_pixels, cache_dir=d.cache_dir
             )
-        except PipelineError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
         out = Path(HydraConfig.get().runtime.output_dir) / "scan_report.json"
         out.write_text(json.dumps(result.report(), indent=2) + "\n")
         print(summary_table(result))
