@@ -15,7 +15,18 @@ two ways:
 
 The dataset's ``element_spec`` holds the shapes already, so we build from zeros
 of that spec (one replica's view when a dimension is unknown) and iterate
-nothing. Everything else in Keras's trainer is left alone.
+nothing.
+
+Past that, every train and test step fails under MultiWorkerMirroredStrategy
+(tensorflow#72388): ``reduce_per_replica`` averages the step's outputs, which
+are scalars (the loss and each metric's value), with
+``strategy.reduce("MEAN", v, axis=0)`` in multi-worker mode, and a scalar has no
+axis 0 (``Invalid reduction dimension 0 for input with 0 dimensions``). Within
+one machine Keras stacks the replicas' scalars and takes their mean; we do the
+same across workers with ``axis=None`` (a collective all-reduce, so every
+worker logs the same loss and stops on the same batch). Non-scalars keep
+Keras's path. Epoch-end logs are read from the metrics' variables, summed over
+all replicas, as before. Everything else in Keras's trainer is left alone.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 _PATCHED = False
+_REDUCE_PATCHED = False
 
 
 def _batch_from_spec(iterator):
@@ -74,3 +86,35 @@ def patch_symbolic_build() -> None:
 
     TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     _PATCHED = True
+
+
+def _mean_scalars_across_workers(reduce_per_replica):
+    """Keras's ``reduce_per_replica``, averaging scalar values with ``axis=None`` across workers."""
+    from keras.src import tree
+    from keras.src.backend.tensorflow.trainer import _collective_all_reduce_multi_worker
+
+    def reduce(values, strategy, reduction):
+        averaging = reduction in ("auto", "mean")  # auto is mean off TPUs
+        if not (averaging and _collective_all_reduce_multi_worker(strategy)):
+            return reduce_per_replica(values, strategy, reduction)
+
+        def one(value):
+            if strategy.experimental_local_results(value)[0].shape.rank == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return reduce_per_replica(value, strategy, reduction)
+
+        return tree.map_structure(one, values)
+
+    return reduce
+
+
+def patch_multi_worker_reduce() -> None:
+    """Makes Keras average scalar step outputs (loss, metrics) across workers; idempotent."""
+    global _REDUCE_PATCHED
+    if _REDUCE_PATCHED:
+        return
+    from keras.src.backend.tensorflow import trainer
+
+    # The step functions look the name up in the module when they are traced.
+    trainer.reduce_per_replica = _mean_scalars_across_workers(trainer.reduce_per_replica)
+    _REDUCE_PATCHED = True

@@ -8,6 +8,8 @@ import sys
 class PipelineError(Exception):
     """A problem with the user's config, data or files, worded for the user."""
 
+    exit_code = 2  # what the command exits with
+
 
 @contextlib.contextmanager
 def user_errors(log: logging.Logger | None = None):
@@ -18,4 +20,4 @@ def user_errors(log: logging.Logger | None = None):
         if log is not None:
             log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(err, "exit_code", 2))

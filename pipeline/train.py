@@ -56,7 +56,13 @@ HPARAM_KEYS = (  # logged for the HParams dashboard, with whatever the command l
     "augment.cutmix_alpha",
     "seed",
 )
-NOT_HPARAMS = ("trainer.verbose", "trainer.profile_batches", "export.formats", "data.cache_dir")
+NOT_HPARAMS = (
+    "resume",
+    "trainer.verbose",
+    "trainer.profile_batches",
+    "export.formats",
+    "data.cache_dir",
+)
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -200,6 +206,7 @@ def setup_training(cfg: DictConfig):
         jit_compile=t.jit_compile,
         devices=devices,
         backend=backend,
+        deterministic=bool(t.deterministic),
     )
     strategy = trainer.make_strategy(plan.strategy, devices)
     replicas = strategy.num_replicas_in_sync
@@ -285,10 +292,15 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         raise PipelineError("data=synthetic is for `python -m pipeline.bench` only; pick real data")
     run_dir = prepare_run_dir(cfg, run_dir)
 
-    from pipeline import data, doctor, runinfo, trainer
+    from pipeline import data, doctor, runinfo, runs, trainer
 
     t = cfg.trainer
     devices, plan, strategy = setup_training(cfg)
+    shared_dir = run_dir  # every worker resumes from the backups here (the chief's)
+    if plan.strategy == "multi_worker":  # only the chief writes the run; the others a temp dir
+        from pipeline import distributed
+
+        run_dir = prepare_run_dir(cfg, distributed.worker_run_dir(run_dir))
     if cfg.get("backend", "tensorflow") == "tensorflow":
         machine = doctor.report(
             strategy=t.strategy, precision=t.precision, jit_compile=t.jit_compile
@@ -346,6 +358,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         checkpoint_monitor=t.checkpoint_monitor,
         early_stopping=early,
         backup=t.backup,
+        backup_every_steps=t.get("backup_every_steps"),
+        restore_dir=shared_dir / "backup",
+        signature=runs.signature(cfg, bundle, source),
         class_weight=weights,
         confusion_matrix_every=t.confusion_matrix_every,
     )
@@ -517,7 +532,10 @@ def main(cfg: DictConfig) -> float:
     try:
         if parallel_sweep_dir is not None and cfg.sweep.one_gpu_per_job:
             sweep.claim_gpu(parallel_sweep_dir / ".gpu_locks")
-        return _objective(train(cfg), cfg.objective.metric)
+        run_dir = None
+        if cfg.get("resume"):
+            run_dir, cfg = _resume_target(cfg)
+        return _objective(train(cfg, run_dir), cfg.objective.metric)
     except Exception as err:
         if in_sweep and not cfg.sweep.fail_fast:
             sweep.record_failure(job_dir, err)
@@ -527,10 +545,22 @@ def main(cfg: DictConfig) -> float:
         _exit(err)
 
 
+def _resume_target(cfg: DictConfig) -> tuple[Path, DictConfig]:
+    """The run ``resume=<dir>|auto`` continues, and its config (see ``pipeline.runs``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from pipeline import runs
+
+    overrides = list(HydraConfig.get().overrides.task)
+    run_dir, cfg = runs.resolve(cfg, overrides, runs.outputs_dir())
+    print(f"resuming run {run_dir}", flush=True)
+    return run_dir, cfg
+
+
 def _exit(err: PipelineError) -> None:
     log.error("%s", err)
     print(f"error: {err}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(getattr(err, "exit_code", 2))
 
 
 if __name__ == "__main__":

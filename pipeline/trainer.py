@@ -11,6 +11,7 @@ the strategy is a :class:`JaxStrategy` (``keras.distribution``); the rest is the
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from pipeline import compat
+from pipeline import compat, distributed, resume
 from pipeline.callbacks import ConfusionMatrixLogger
 from pipeline.errors import PipelineError
 
@@ -110,7 +111,11 @@ def setup_devices(
                 "compute_capability": list(details.get("compute_capability", ()) or ()),
             }
         )
-    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    # Named from the configuration, not listed: listing starts TensorFlow's runtime, and
+    # MultiWorkerMirroredStrategy must configure its collective ops before that happens.
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    n_cpus = len(tf.config.get_logical_device_configuration(cpu) or [cpu])
+    cpus = [f"/device:CPU:{i}" for i in range(n_cpus)]
     return Devices(gpus=gpus, cpus=cpus)
 
 
@@ -137,9 +142,15 @@ def _setup_jax_devices(*, deterministic: bool, seed: int) -> Devices:
 
 
 def plan(
-    *, strategy: str, precision: str, jit_compile, devices: Devices, backend: str = "tensorflow"
+    *,
+    strategy: str,
+    precision: str,
+    jit_compile,
+    devices: Devices,
+    backend: str = "tensorflow",
+    deterministic: bool = False,
 ) -> Plan:
-    """Resolves ``auto`` choices for the devices found.
+    """Resolves ``auto`` choices for the devices found (XLA stays off when ``deterministic``).
 
     Raises:
         PipelineError: an unknown choice.
@@ -164,8 +175,11 @@ def plan(
         strategy = "jax_single" if single else "jax_data_parallel"
         reasons.append(f"strategy {requested} -> {strategy} (JAX, {n_local} local device(s))")
     elif strategy == "auto":
-        if os.environ.get("TF_CONFIG"):
+        cluster = distributed.cluster_source()
+        if cluster == "TF_CONFIG":
             strategy, why = "multi_worker", "TF_CONFIG is set"
+        elif cluster == "SLURM":
+            strategy, why = "multi_worker", f"a SLURM step of {distributed.slurm_tasks()} tasks"
         elif n_gpus > 1:
             strategy, why = "mirrored", f"{n_gpus} GPUs"
         else:
@@ -185,6 +199,9 @@ def plan(
     if jit_compile == "auto" and backend == "jax":
         jit_compile = True  # un-jitted JAX runs op by op, far slower than XLA even on a CPU
         reasons.append("jit_compile auto -> True (JAX)")
+    elif jit_compile == "auto" and deterministic and backend == "tensorflow":
+        jit_compile = False  # XLA's GPU kernels are not all deterministic
+        reasons.append("jit_compile auto -> False (trainer.deterministic)")
     elif jit_compile == "auto":
         jit_compile = n_gpus > 0
         reasons.append(f"jit_compile auto -> {jit_compile} ({'GPU' if n_gpus else 'CPU only'})")
@@ -226,7 +243,9 @@ def make_strategy(name: str, devices: Devices) -> tf.distribute.Strategy | JaxSt
     if name == "mirrored":
         return tf.distribute.MirroredStrategy(devices=gpu_names or devices.cpus)
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        compat.patch_multi_worker_reduce()
+        resolver = distributed.cluster_resolver()  # None: one worker, this machine's devices
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(gpu_names[0] if gpu_names else devices.cpus[0])
     if name == "default":
@@ -383,11 +402,10 @@ def _callbacks(
     checkpoint_monitor: str,
     profile_batches,
     early_stopping: dict | None,
-    backup: bool,
     val_data=None,
     class_names: list[str] | None = None,
     confusion_matrix_every: int = 0,
-) -> tuple[list[keras.callbacks.Callback], EpochStats]:
+) -> tuple[list[keras.callbacks.Callback], EpochStats, keras.callbacks.ModelCheckpoint]:
     stats = EpochStats(images_per_epoch)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -407,18 +425,16 @@ def _callbacks(
                 every_n_epochs=confusion_matrix_every,
             )
         )
+    best = keras.callbacks.ModelCheckpoint(
+        str(ckpt_dir / "best.weights.h5"),
+        monitor=checkpoint_monitor,
+        save_best_only=True,
+        save_weights_only=True,
+    )
     callbacks += [
-        keras.callbacks.ModelCheckpoint(
-            str(ckpt_dir / "best.weights.h5"),
-            monitor=checkpoint_monitor,
-            save_best_only=True,
-            save_weights_only=True,
-        ),
+        best,
         keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.weights.h5"), save_weights_only=True),
-        keras.callbacks.TerminateOnNaN(),
     ]
-    if backup:
-        callbacks.append(keras.callbacks.BackupAndRestore(str(run_dir / "backup")))
     if early_stopping:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -427,7 +443,82 @@ def _callbacks(
                 restore_best_weights=False,
             )
         )
-    return callbacks, stats
+    return callbacks, stats, best
+
+
+def _resume_point(restored, epochs: int, train) -> int:
+    """The epoch training continues at; replays the shuffle order of the epochs done."""
+    if restored is None:
+        return 0
+    if restored.epoch >= epochs:
+        raise PipelineError(
+            f"the backup {restored.path} has {restored.epoch} of trainer.epochs={epochs} epochs "
+            "done: nothing to resume. Raise trainer.epochs to train longer."
+        )
+    where = f"epoch {restored.epoch + 1}" + (f", step {restored.step}" if restored.step else "")
+    print(f"resuming from {restored.path} at {where}", flush=True)
+    for _ in range(restored.epoch * _iterators_per_epoch(train)):
+        iter(train)  # each iterator draws the next shuffle order: replay the epochs done
+    return restored.epoch
+
+
+def _check_workers_agree(strategy, restored, restore_dir: Path) -> None:
+    """Every worker must resume from the same step, or the collectives would hang."""
+    step = -1.0 if restored is None else float(restored.epoch * 1_000_000 + restored.step)
+    if not distributed.all_equal(strategy, step):
+        mine = "none" if restored is None else restored.path.name
+        raise PipelineError(
+            f"the workers found different backups to resume from (this one: {mine} in "
+            f"{restore_dir}). Give every worker the same hydra.run.dir on a filesystem they "
+            "share, so all resume from the chief's backups."
+        )
+
+
+def _iterators_per_epoch(train) -> int:
+    """How many iterators Keras's fit makes per epoch over ``train``.
+
+    Keras 3.15's ``EpochIterator`` makes one when an epoch starts and, when the
+    dataset's length is known, one more when it ends (for a next epoch that
+    then makes its own). Each draws the next reshuffle, so a resumed run skips
+    as many to see the shuffle order the killed run would have seen.
+    """
+    return 2 if int(train.cardinality()) > 0 else 1
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(state: resume.RunState):
+    """While training, SIGTERM asks ``state`` to back up at the next batch and stop."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, state.request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_if_stopped(state: resume.RunState, run_dir: Path) -> None:
+    kept = (
+        f"The last good backup, {state.last_backup}, is kept: resume with "
+        f"`python -m pipeline.train resume={run_dir}`"
+        if state.last_backup
+        else "No backup was made before it"
+    )
+    if state.non_finite:
+        bad = state.non_finite
+        raise PipelineError(
+            f"training stopped: the loss became {bad['loss']} at epoch {bad['epoch']}, step "
+            f"{bad['step']}. {kept} and a lower optimizer.lr, or check the data."
+        )
+    if state.preempted:
+        stop = state.preempted
+        raise resume.Preempted(
+            f"training stopped by SIGTERM at epoch {stop['epoch']}, step {stop['step']}. {kept}."
+        )
 
 
 def image_grid(images, columns: int = 8) -> tf.Tensor:
@@ -469,6 +560,9 @@ def fit(
     checkpoint_monitor: str = "val_accuracy",
     early_stopping: dict | None = None,
     backup: bool = True,
+    backup_every_steps: int | None = None,
+    restore_dir: str | os.PathLike | None = None,
+    signature: dict | None = None,
     class_weight: dict | None = None,
     confusion_matrix_every: int = 0,
 ) -> FitResult:
@@ -492,7 +586,14 @@ def fit(
         profile_batches: ``[first, last]`` batches to trace into TensorBoard.
         checkpoint_monitor: val metric that picks ``checkpoints/best.weights.h5``.
         early_stopping: ``{"monitor", "patience"}`` or None.
-        backup: keep a BackupAndRestore backup under ``run_dir/backup``.
+        backup: keep backups under ``run_dir/backup`` (``pipeline.resume``);
+            when that folder already holds one, training resumes from it.
+        backup_every_steps: also back up every this many batches (long epochs).
+        restore_dir: where the backup to resume from is; by default
+            ``run_dir/backup``. Under multi-worker training every worker reads
+            the chief's (a shared filesystem), whatever it writes itself.
+        signature: what the run trains on (model, batch size, data); a
+            backup made with a different one is refused.
         class_weight: per-class loss weights, or None.
         confusion_matrix_every: epochs between validation confusion-matrix
             images in TensorBoard; 0 turns them off.
@@ -519,38 +620,62 @@ def fit(
         seed=seed,
         compile_kwargs=compile_kwargs,
     )
-    callbacks, stats = _callbacks(
+    callbacks, stats, best = _callbacks(
         run_dir=run_dir,
         images_per_epoch=data.source.train.count,
         checkpoint_monitor=checkpoint_monitor,
         profile_batches=profile_batches,
         early_stopping=early_stopping,
-        backup=backup,
         val_data=data.val,
         class_names=data.class_names,
         confusion_matrix_every=confusion_matrix_every,
     )
-    write_preview(data.preview, run_dir / "tensorboard")
-    start = time.perf_counter()
-    history = model.fit(
-        data.train,
-        validation_data=data.val,
-        epochs=epochs,
-        callbacks=callbacks,
-        verbose=verbose,
-        class_weight=class_weight,
-        shuffle=False,  # the tf.data pipeline shuffles; Keras would only warn
+    restore_dir = Path(restore_dir) if restore_dir else run_dir / resume.BACKUP_DIR
+    restored, sync = None, None
+    if backup:
+        if not model.optimizer.built:
+            with strategy.scope():
+                model.optimizer.build(model.trainable_variables)
+        restored = resume.restore(restore_dir, model, signature or {})
+    if plan.strategy == "multi_worker":
+        sync = functools.partial(distributed.sum_over_workers, strategy)
+        _check_workers_agree(strategy, restored, restore_dir)
+    state = resume.RunState(
+        run_dir / resume.BACKUP_DIR if backup else None,
+        signature=signature or {},
+        every_steps=backup_every_steps,
+        best_checkpoint=best,
+        restored=restored,
+        sync=sync,
     )
+    callbacks.append(state)  # last: it backs up after the checkpoints have updated
+    if restored is not None and 0 < int(data.train.cardinality()) <= restored.step:
+        restored.epoch, restored.step = restored.epoch + 1, 0  # stopped after its last batch
+    initial_epoch = _resume_point(restored, epochs, data.train)
+    if restored is None:
+        write_preview(data.preview, run_dir / "tensorboard")
+    fit_args = {
+        "validation_data": data.val,
+        "callbacks": callbacks,
+        "verbose": verbose,
+        "class_weight": class_weight,
+        "shuffle": False,  # the tf.data pipeline shuffles; Keras would only warn
+    }
+    start = time.perf_counter()
+    with _stop_on_sigterm(state):
+        if restored is not None and restored.step:  # finish the interrupted epoch first
+            model.fit(
+                data.train.skip(restored.step),
+                epochs=initial_epoch + 1,
+                initial_epoch=initial_epoch,
+                **fit_args,
+            )
+            initial_epoch += 1
+        if initial_epoch < epochs and not model.stop_training:
+            model.fit(data.train, epochs=epochs, initial_epoch=initial_epoch, **fit_args)
     train_time = time.perf_counter() - start
-    hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-    if not hist.get("loss"):
-        raise PipelineError("training ran no epoch (was the backup already complete?)")
-    last_loss = hist["loss"][-1]
-    if not math.isfinite(last_loss):
-        raise PipelineError(
-            f"training stopped: the loss became {last_loss} in epoch {len(hist['loss'])}. "
-            "Lower optimizer.lr, or check the data."
-        )
+    _raise_if_stopped(state, restore_dir.parent)
+    hist = state.history
     metrics = {"train_" + k: v[-1] for k, v in hist.items() if not k.startswith("val_")}
     metrics.pop("train_images_per_sec", None)
     metrics.pop("train_learning_rate", None)
@@ -573,6 +698,9 @@ def fit(
             "precision": plan.precision,
             "jit_compile": plan.jit_compile,
             "fallbacks": [a for a in attempts if not a["ok"]],
+            "resumed_from": None
+            if restored is None
+            else {"backup": restored.path.name, "epoch": restored.epoch, "step": restored.step},
         }
     )
     plain = getattr(model, "inner", model)  # an adversarial-training wrapper saves its inner model

@@ -182,6 +182,21 @@ def _finish(num_classes: int):
     return finish
 
 
+def shard_by_batch(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """Under MultiWorkerMirroredStrategy, each worker takes its slice of every global batch.
+
+    tf.data's default (AUTO) shards by input file where it finds one (TFDS
+    records), so a worker would see other images than on one machine, and
+    fails over with a warning on in-memory data. DATA sharding splits each
+    global batch into per-replica batches and gives each worker its own: every
+    worker runs the whole pipeline and keeps its slice, and the global batch is
+    ``data.batch_size`` as on one machine. Other strategies ignore the option.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return ds.with_options(options)
+
+
 def make_datasets(
     source: Source,
     *,
@@ -244,11 +259,11 @@ def make_datasets(
         )
 
     return DataBundle(
-        train=train.prefetch(tf.data.AUTOTUNE),
-        first_batch=train_images.take(batch_size).batch(batch_size).map(finish),
+        train=shard_by_batch(train.prefetch(tf.data.AUTOTUNE)),
+        first_batch=shard_by_batch(train_images.take(batch_size).batch(batch_size).map(finish)),
         preview=augmented(train_images.take(PREVIEW_IMAGES), PREVIEW_IMAGES),
-        val=evaluation(source.val),
-        test=evaluation(source.test),
+        val=shard_by_batch(evaluation(source.val)),
+        test=shard_by_batch(evaluation(source.test)),
         source=source,
         image_shape=image_shape,
         batch_size=batch_size,

@@ -1,0 +1,361 @@
+"""Backups a killed run resumes from, and the callback that writes them.
+
+Keras 3's ``BackupAndRestore`` restores only the epoch counter, rewrites its
+file in place and deletes it when training ends (after ``TerminateOnNaN``
+too), so we keep our own. A backup is one ``.npz`` file under
+``<run_dir>/backup/``: every model variable (weights, BatchNorm statistics,
+seed states), every optimizer variable (slots and the step counter, which is
+also the learning-rate schedule's position) and a JSON state (epochs and steps
+done, the history so far, the best checkpoint's value, what the run trained
+on). Each is written to a temporary file, flushed and renamed, so a crash
+mid-write leaves the previous backup whole; the newest :data:`KEEP` are kept
+and a corrupt newest one falls back to the one before. Backups are never
+deleted at the end of training: a finished run keeps its last state.
+
+Resuming from an epoch boundary is bit-exact in deterministic mode (the
+trainer also replays the shuffle order); resuming from a mid-epoch backup
+(``trainer.backup_every_steps``) skips the batches already done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import signal
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+BACKUP_DIR = "backup"
+KEEP = 2
+NAME = re.compile(r"^ckpt-(\d{9})\.npz$")
+STATE_KEY = "__state__"
+KILL_HOOK = "PIPELINE_TEST_KILL_AT"  # test hook: "epoch:step[:TERM]" (1-based) SIGKILLs (or
+# SIGTERMs) this process there
+NAN_HOOK = "PIPELINE_TEST_NAN_AT"  # test hook: "epoch:step" puts a NaN into the weights there
+SIGNATURE_KEYS = {
+    "model": "model",
+    "batch_size": "data.batch_size",
+    "image_shape": "the image shape",
+    "class_names": "the class names",
+    "data_source": "data.source",
+    "data_fingerprint": "the dataset's files (fingerprint)",
+}
+
+
+class Preempted(PipelineError):
+    """Training was asked to stop (SIGTERM) and left a backup to resume from."""
+
+    exit_code = 143  # 128 + SIGTERM, what schedulers expect from a terminated job
+
+
+@dataclass
+class Restored:
+    """What a backup put back, and where training continues."""
+
+    path: Path
+    epoch: int  # epochs completed
+    step: int  # batches completed in the next epoch (0 at an epoch boundary)
+    history: dict = field(default_factory=dict)
+    best: float | None = None
+
+
+def backups(directory: str | os.PathLike) -> list[Path]:
+    """The backups in ``directory``, newest (highest optimizer step) first."""
+    path = Path(directory)
+    if not path.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in path.iterdir() if (m := NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def read_state(path: str | os.PathLike) -> dict:
+    """The JSON state of one backup (no arrays read).
+
+    Raises:
+        PipelineError: the file is not a readable backup.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return json.loads(bytes(archive[STATE_KEY]).decode())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+        raise PipelineError(f"backup {path} is unreadable ({type(err).__name__}: {err})") from err
+
+
+def _variables(model) -> tuple[list, list]:
+    optimizer = getattr(model, "optimizer", None)
+    return list(model.variables), list(optimizer.variables) if optimizer is not None else []
+
+
+def save(
+    directory: str | os.PathLike,
+    model,
+    *,
+    epoch: int,
+    step: int,
+    history: dict,
+    best: float | None,
+    signature: dict,
+) -> Path:
+    """Writes one backup atomically and prunes all but the newest :data:`KEEP`.
+
+    Args:
+        directory: the run's backup folder (created if missing).
+        model: a compiled Keras model whose optimizer is built.
+        epoch: epochs completed.
+        step: batches completed in epoch ``epoch + 1`` (0 at an epoch boundary).
+        history: per-epoch metrics so far (lists of floats).
+        best: the best checkpoint's monitored value so far, or None.
+        signature: what the run trains on (see :data:`SIGNATURE_KEYS`).
+
+    Returns:
+        The backup's path.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model_vars, opt_vars = _variables(model)
+    iterations = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+    state = {
+        "epoch": int(epoch),
+        "step": int(step),
+        "iterations": iterations,
+        "history": history,
+        "best": best if best is None or math.isfinite(best) else None,
+        "signature": signature,
+        "model_variables": [[v.path, list(v.shape)] for v in model_vars],
+        "optimizer_variables": [[v.path, list(v.shape)] for v in opt_vars],
+    }
+    arrays = {f"m{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model_vars)}
+    arrays.update({f"o{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(opt_vars)})
+    arrays[STATE_KEY] = np.frombuffer(json.dumps(state, default=float).encode(), np.uint8)
+    path = directory / f"ckpt-{iterations:09d}.npz"
+    tmp = directory / f".{path.name}.tmp"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in backups(directory)[KEEP:]:
+        old.unlink()
+    return path
+
+
+def signature_differences(saved: dict, now: dict) -> list[str]:
+    """``key (run: a, now: b)`` for each signature entry that differs."""
+    return [
+        f"{SIGNATURE_KEYS.get(key, key)} (run: {saved.get(key)!r}, now: {now.get(key)!r})"
+        for key in SIGNATURE_KEYS
+        if key in saved and key in now and saved[key] != now[key]
+    ]
+
+
+def restore(directory: str | os.PathLike, model, signature: dict) -> Restored | None:
+    """Loads the newest readable backup into ``model`` and its optimizer.
+
+    A corrupt or incomplete newest backup is reported and the one before it is
+    tried. The optimizer must be built (``optimizer.build``) beforehand.
+
+    Returns:
+        What was restored, or None when ``directory`` holds no backup.
+
+    Raises:
+        PipelineError: every backup is unreadable (never a silent fresh
+            start), or the backup is of a different model, batch size or
+            dataset.
+    """
+    found = backups(directory)
+    if not found:
+        return None
+    model_vars, opt_vars = _variables(model)
+    errors = []
+    for path in found:
+        try:
+            state, values = _read(path)
+        except PipelineError as err:
+            errors.append(str(err))
+            log.warning("%s; trying the backup before it", err)
+            continue
+        differences = signature_differences(state.get("signature", {}), signature)
+        if differences:
+            raise PipelineError(
+                f"cannot resume from {path}: it was trained with a different "
+                + "; ".join(differences)
+                + ". Resume with the run's settings, or start a new run in a new directory."
+            )
+        _check_shapes(path, state, model_vars, opt_vars)
+        for i, var in enumerate(model_vars):
+            var.assign(values[f"m{i}"])
+        for i, var in enumerate(opt_vars):
+            var.assign(values[f"o{i}"])
+        return Restored(
+            path=path,
+            epoch=state["epoch"],
+            step=state["step"],
+            history=state.get("history", {}),
+            best=state.get("best"),
+        )
+    raise PipelineError(
+        f"every backup in {directory} is unreadable ({'; '.join(errors)}). Refusing to start "
+        "over on top of them: move that folder away to train from scratch."
+    )
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    state = read_state(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            values = {key: archive[key] for key in archive.files if key != STATE_KEY}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise PipelineError(f"backup {path} is unreadable ({type(err).__name__}: {err})") from err
+    wanted = len(state["model_variables"]) + len(state["optimizer_variables"])
+    if len(values) != wanted:
+        raise PipelineError(f"backup {path} is incomplete ({len(values)} of {wanted} arrays)")
+    return state, values
+
+
+def _check_shapes(path: Path, state: dict, model_vars: list, opt_vars: list) -> None:
+    for kind, variables, key in (
+        ("model", model_vars, "model_variables"),
+        ("optimizer", opt_vars, "optimizer_variables"),
+    ):
+        saved = [tuple(shape) for _, shape in state[key]]
+        now = [tuple(v.shape) for v in variables]
+        if saved != now:
+            raise PipelineError(
+                f"cannot resume from {path}: its {kind} variables do not match this "
+                f"{kind}'s ({len(saved)} saved, {len(now)} now). Was the model or optimizer "
+                "changed? Resume with the run's settings, or start a new run."
+            )
+
+
+class RunState(keras.callbacks.Callback):
+    """Backs the run up, and stops it cleanly on a non-finite loss or on SIGTERM.
+
+    Backups are written at every epoch end and, with ``every_steps``, every
+    that many batches. A non-finite loss stops training without a backup of
+    the bad state, so the last good one stays; SIGTERM saves a backup at the
+    next batch end and stops (:attr:`preempted`).
+
+    Args:
+        directory: the backup folder, or None for no backups.
+        signature: what the run trains on, stored with each backup.
+        every_steps: also back up every this many batches (None: epochs only).
+        best_checkpoint: the ``ModelCheckpoint`` whose ``best`` value is kept.
+        restored: the backup training resumes from, or None.
+        save: whether this process writes backups.
+        sync: under multi-worker training, sums a number over all workers (a
+            collective, called after every batch), so that a SIGTERM to any
+            worker stops them all at the same step.
+    """
+
+    def __init__(
+        self,
+        directory: Path | None,
+        *,
+        signature: dict,
+        every_steps: int | None = None,
+        best_checkpoint=None,
+        restored: Restored | None = None,
+        save: bool = True,
+        sync=None,
+    ):
+        super().__init__()
+        self.directory = directory
+        self.signature = signature
+        self.every_steps = int(every_steps) if every_steps else 0
+        self.best_checkpoint = best_checkpoint
+        self.history: dict = {k: list(v) for k, v in (restored.history if restored else {}).items()}
+        self.resume_epoch = restored.epoch if restored else 0
+        self.resume_step = restored.step if restored else 0
+        self.write = save and directory is not None
+        self.sync = sync
+        self.non_finite: dict | None = None  # {"epoch", "step", "loss"} once the loss went bad
+        self.preempted: dict | None = None  # {"epoch", "step", "backup"} after SIGTERM
+        self.last_backup: Path | None = restored.path if restored else None
+        self._stop_requested = threading.Event()
+        self._epoch = 0
+        self._offset = 0
+        self._step = 0
+        self._kill_at = _hook(KILL_HOOK)
+        self._nan_at = _hook(NAN_HOOK)
+        if restored and best_checkpoint is not None and restored.best is not None:
+            best_checkpoint.best = restored.best
+
+    def request_stop(self, *_args) -> None:
+        """Signal handler: save at the next batch end and stop."""
+        self._stop_requested.set()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        first_resumed = epoch == self.resume_epoch and self.resume_step
+        self._offset = self.resume_step if first_resumed else 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._nan_at and self._nan_at[:2] == (self._epoch + 1, self._offset + batch + 1):
+            weight = self.model.trainable_variables[0]
+            weight.assign(keras.ops.full(weight.shape, float("nan"), weight.dtype))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step = self._offset + batch + 1
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.non_finite = {"epoch": self._epoch + 1, "step": self._step, "loss": float(loss)}
+            self.model.stop_training = True
+            return
+        stop = self._stop_requested.is_set()
+        if self.sync is not None:
+            stop = self.sync(float(stop)) > 0
+        if stop:
+            path = self._save(self._epoch, self._step)
+            self.preempted = {"epoch": self._epoch + 1, "step": self._step, "backup": path}
+            self.model.stop_training = True
+            return
+        if self.every_steps and self._step % self.every_steps == 0:
+            self._save(self._epoch, self._step)
+        if self._kill_at and self._kill_at[:2] == (self._epoch + 1, self._step):
+            os.kill(os.getpid(), signal.SIGTERM if self._kill_at[2] == "TERM" else signal.SIGKILL)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.non_finite or self.preempted:
+            return
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.non_finite = {"epoch": epoch + 1, "step": self._step, "loss": float(loss)}
+            return
+        self._save(epoch + 1, 0)
+
+    def _save(self, epoch: int, step: int) -> Path | None:
+        if not self.write:
+            return None
+        best = getattr(self.best_checkpoint, "best", None)
+        self.last_backup = save(
+            self.directory,
+            self.model,
+            epoch=epoch,
+            step=step,
+            history=self.history,
+            best=None if best is None else float(best),
+            signature=self.signature,
+        )
+        return self.last_backup
+
+
+def _hook(name: str) -> tuple | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    epoch, step, *how = value.split(":")
+    return int(epoch), int(step), *(how or ["KILL"])
