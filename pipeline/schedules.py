@@ -7,12 +7,15 @@ import math
 import keras
 from keras import ops
 
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "linear")
 
 
 @keras.saving.register_keras_serializable(package="pipeline")
 class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to ``peak_lr``, then constant, step or cosine decay.
+    """Linear warmup to ``peak_lr``, then constant, step, cosine or linear decay.
+
+    Warmup then linear decay to zero is the one-cycle schedule (Smith 2018, as
+    in the fast CIFAR-10 recipes of Page's DAWNBench entries).
 
     Keras's own ``CosineDecay`` has a warmup but ``PiecewiseConstantDecay`` has
     none, so one small schedule covers the three shapes the same way.
@@ -22,7 +25,7 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
             global batch).
         total_steps: optimizer steps of the whole run.
         warmup_steps: steps of linear warmup from ``peak_lr / warmup_steps``.
-        kind: ``constant``, ``step`` or ``cosine``.
+        kind: ``constant``, ``step``, ``cosine`` or ``linear``.
         alpha: cosine only: final learning rate as a fraction of ``peak_lr``.
         milestones: step only: fractions of ``total_steps`` at which the rate
             is multiplied by ``factor``.
@@ -66,6 +69,10 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
             progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
             cosine = 0.5 * (1.0 + ops.cos(math.pi * progress))
             lr = self.peak_lr * (self.alpha + (1.0 - self.alpha) * cosine)
+        elif self.kind == "linear":
+            span = max(self.total_steps - self.warmup_steps, 1)
+            progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+            lr = self.peak_lr * (1.0 - progress)
         elif self.kind == "step":
             lr = ops.convert_to_tensor(self.peak_lr, "float32")
             for m in self.milestones:

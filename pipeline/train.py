@@ -38,7 +38,7 @@ CHOICES = {
     "trainer.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "trainer.jit_compile": ("auto", True, False),
     "trainer.adversarial": ("none", "fgsm_rs", "pgd"),
-    "schedule.name": ("constant", "step", "cosine"),
+    "schedule.name": ("constant", "step", "cosine", "linear"),
     "data.source": ("digits", "folder", "tfds", "synthetic"),
     "data.resize": ("crop", "pad", "stretch"),
 }
@@ -509,7 +509,7 @@ def _objective(metrics: dict, metric: str) -> float:
         value = metrics.get(key)
         if isinstance(value, float) and not math.isfinite(value):
             raise PipelineError(
-                f"training diverged: {key} is {value} (TerminateOnNaN stopped it); "
+                f"training diverged: {key} is {value} (training stopped on it); "
                 "lower optimizer.lr or check the data"
             )
     return float(metrics[metric])

@@ -90,3 +90,24 @@ def test_unknown_group_option_lists_the_choices():
 
 def test_conf_dir_is_the_repos():
     assert CONF_DIR.endswith("conf")
+
+
+def test_he_et_al_recipe_steps_the_learning_rate_at_32k_and_48k_of_64k():
+    cfg = compose(["experiment=cifar10_resnet20"])
+    assert (cfg.model.arch, cfg.data.batch_size, cfg.optimizer.lr) == ("resnet20", 128, 0.1)
+    assert cfg.optimizer.momentum == 0.9 and not cfg.optimizer.nesterov
+    # Keras decays decoupled from momentum: 10 x He et al.'s coupled 1e-4 at momentum 0.9
+    assert cfg.optimizer.weight_decay == pytest.approx(1e-4 / (1 - cfg.optimizer.momentum))
+    steps_per_epoch = -(-45_000 // 128)  # train[:90%] of CIFAR-10's 50,000
+    total = cfg.trainer.epochs * steps_per_epoch
+    assert 64_000 <= total <= 64_200
+    boundaries = [round(m * total) for m in cfg.schedule.milestones]
+    assert [round(b, -3) for b in boundaries] == [32_000, 48_000]
+    assert cfg.schedule.name == "step" and cfg.augment.crop_padding > 0 and cfg.augment.flip
+
+
+@pytest.mark.parametrize("name", ["cifar10_fast", "digits_fast"])
+def test_fast_recipes_are_one_cycle(name):
+    cfg = compose([f"experiment={name}"])
+    assert cfg.schedule.name == "linear" and cfg.schedule.warmup_epochs >= 1
+    assert cfg.optimizer.nesterov and cfg.trainer.epochs <= 30

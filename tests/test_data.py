@@ -59,17 +59,27 @@ def test_batches_are_float_pixels_and_one_hot():
 
 
 def test_crop_padding_shifts_images_and_flip_mirrors():
-    image = np.zeros((8, 8, 3), np.uint8)
-    image[:, :4] = 255
-    src_ds = tf.data.Dataset.from_tensors((image, np.int32(0))).repeat(64)
+    image = np.zeros((64, 8, 8, 3), np.uint8)
+    image[:, :, :4] = 255  # white left half
     flip = augment.crop_flip_fn(8, crop_padding=0, flip=True)
-    flipped = [flip(x, y)[0].numpy() for x, y in src_ds]
-    assert any(f[0, 0, 0] == 0 for f in flipped) and any(f[0, 0, 0] == 255 for f in flipped)
+    flipped = flip(tf.constant(image), tf.zeros([64]))[0].numpy()
+    mirrored = flipped[:, 0, 0, 0] == 0
+    assert 10 < mirrored.sum() < 54  # a coin per image, not one per batch
+    np.testing.assert_array_equal(flipped[mirrored], image[mirrored][:, :, ::-1])
+    np.testing.assert_array_equal(flipped[~mirrored], image[~mirrored])
     crop = augment.crop_flip_fn(32, crop_padding=4, flip=False)  # 4 px at 32 px
-    big = np.full((32, 32, 3), 255, np.uint8)
-    crops = [crop(big, 0)[0].numpy() for _ in range(20)]
-    assert all(c.shape == (32, 32, 3) for c in crops)
+    big = np.arange(32 * 32, dtype=np.int32).reshape(1, 32, 32, 1).repeat(40, 0) + 1
+    crops = crop(tf.constant(big), tf.zeros([40]))[0].numpy()
+    assert crops.shape == (40, 32, 32, 1)
+    for c in crops:  # each a window of the zero-padded image, offsets up to 4 px each way
+        inside = c[c > 0]
+        first = int(inside.min()) - 1
+        dy, dx = first // 32, first % 32
+        assert dy <= 4 and dx <= 4
+    offsets = {int(c[c > 0].min()) for c in crops}
+    assert len(offsets) > 5  # an offset per image
     assert any((c == 0).any() for c in crops)  # padding showed up in some crops
+    assert augment.crop_flip_fn(32, crop_padding=0, flip=False) is None
 
 
 @pytest.mark.parametrize("mode", ["crop", "pad", "stretch"])

@@ -316,3 +316,63 @@ def test_imagenet_preprocess_round_trips_in_a_keras_file(tmp_path):
     reloaded = keras.models.load_model(tmp_path / "pre.keras")
     assert isinstance(reloaded.layers[-1], ImagenetPreprocess)
     assert reloaded.layers[-1].mode == "torch"
+
+
+def _bn_model(layer_cls, jit_compile=False):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6, 6, 5))
+    x = keras.layers.Conv2D(5, 3, padding="same", name="conv")(inputs)
+    x = layer_cls(momentum=0.9, epsilon=1e-5, name="bn")(x)
+    outputs = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        keras.optimizers.SGD(0.1, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fused_batch_norm_trains_like_keras_batch_normalization(jit_compile):
+    from pipeline.models.layers import BatchNorm
+
+    x = np.random.default_rng(0).normal(2.0, 3.0, (8, 6, 6, 5)).astype("float32")
+    y = np.arange(8) % 3
+    runs = []
+    for cls in (keras.layers.BatchNormalization, BatchNorm):
+        model = _bn_model(cls, jit_compile)
+        for _ in range(3):
+            model.train_on_batch(x, y)
+        runs.append(
+            (
+                [keras.ops.convert_to_numpy(v) for v in model.variables],
+                model.predict(x, verbose=0),
+                keras.ops.convert_to_numpy(model(x, training=True)),
+            )
+        )
+    (keras_vars, keras_eval, keras_train), (fused_vars, fused_eval, fused_train) = runs
+    assert len(keras_vars) == len(fused_vars) == 8  # same variables: checkpoints interchange
+    for a, b in zip(keras_vars, fused_vars, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)  # moving mean and variance included
+    np.testing.assert_allclose(keras_eval, fused_eval, atol=1e-5)
+    np.testing.assert_allclose(keras_train, fused_train, atol=1e-5)
+
+
+def test_fused_batch_norm_is_what_the_models_use_and_reloads(tmp_path):
+    from pipeline.models.layers import BatchNorm
+
+    model = models.build("resnet20", num_classes=10, input_shape=(32, 32, 3), mean=MEAN, std=STD)
+    layers = list(model._flatten_layers(include_self=False))  # nested models too
+    norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 21 and all(isinstance(layer, BatchNorm) for layer in norms)
+    model.save(tmp_path / "m.keras")
+    again = keras.saving.load_model(tmp_path / "m.keras")
+    assert sum(isinstance(la, BatchNorm) for la in again._flatten_layers(include_self=False)) == 21
+    x = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), again.predict(x, verbose=0), atol=1e-5)
+    sync = models.build(
+        "cnn", num_classes=3, input_shape=(16, 16, 3), norm="sync", mean=MEAN, std=STD
+    )
+    sync_norms = [la for la in sync._flatten_layers() if isinstance(la, BatchNorm)]
+    assert sync_norms and all(layer.synchronized for layer in sync_norms)

@@ -1,4 +1,4 @@
-"""Learning-rate schedules: warmup, then constant, step or cosine."""
+"""Learning-rate schedules: warmup, then constant, step, cosine or linear (one cycle)."""
 
 import math
 
@@ -26,6 +26,12 @@ def test_step_divides_at_milestones():
     s = WarmupSchedule(peak_lr=0.1, total_steps=100, kind="step", milestones=(0.5, 0.75))
     got = [lr_at(s, i) for i in (0, 49, 50, 74, 75, 99)]
     np.testing.assert_allclose(got, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_one_cycle_rises_then_falls_linearly_to_zero():
+    s = WarmupSchedule(peak_lr=0.8, total_steps=100, warmup_steps=20, kind="linear")
+    got = [lr_at(s, i) for i in (0, 9, 19, 20, 60, 100, 120)]
+    np.testing.assert_allclose(got, [0.04, 0.4, 0.8, 0.8, 0.4, 0.0, 0.0], atol=1e-7)
 
 
 def test_constant_with_warmup():

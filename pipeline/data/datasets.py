@@ -240,10 +240,12 @@ def make_datasets(
     per_batch = augment.batch_fn(
         randaugment=randaugment, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, seed=seed
     )
-    per_image = augment.crop_flip_fn(image_shape[0], crop_padding, flip)
+    crop_flip = augment.crop_flip_fn(image_shape[0], crop_padding, flip)
 
     def augmented(images, size):
-        ds = images.map(per_image, num_parallel_calls=tf.data.AUTOTUNE).batch(size)
+        ds = images.batch(size)
+        if crop_flip is not None:
+            ds = ds.map(crop_flip, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
         return ds if per_batch is None else ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
 

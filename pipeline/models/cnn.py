@@ -7,6 +7,7 @@ import warnings
 import keras
 
 from pipeline.models import register_model
+from pipeline.models.layers import BatchNorm
 
 NORMS = ("batch", "sync", "none")
 STAGES = 3  # each halves height and width, so inputs need >= 2**STAGES pixels a side
@@ -82,7 +83,7 @@ def _conv_norm_relu(x, filters: int, norm: str, name: str):
         name=f"{name}_conv",
     )(x)
     if norm != "none":
-        x = keras.layers.BatchNormalization(
+        x = BatchNorm(
             momentum=BN_MOMENTUM,
             epsilon=BN_EPSILON,
             synchronized=norm == "sync",

@@ -11,6 +11,7 @@ import keras
 
 from pipeline.models import register_model
 from pipeline.models.keras_app import application_classifier
+from pipeline.models.layers import BatchNorm
 
 MIN_INCEPTION_V3_SIZE = 75  # pixels a side, the smallest InceptionV3 accepts
 STEM_FILTERS = 96
@@ -85,9 +86,7 @@ def _conv_module(x, filters: int, kernel_size: int, stride: int, name: str):
         kernel_initializer="he_normal",
         name=f"{name}_conv",
     )(x)
-    x = keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn"
-    )(x)
+    x = BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 

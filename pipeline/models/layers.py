@@ -53,3 +53,60 @@ class ImagenetPreprocess(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mode": self.mode}
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class BatchNorm(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` that runs TensorFlow's fused kernel where it can.
+
+    Keras 3 normalizes with separate moment, subtract and scale ops on every
+    backend; on TensorFlow that skips ``FusedBatchNormV3``, one kernel forward
+    and one backward, which is much faster on a CPU. This layer calls it for
+    4-D channels-last float inputs on the TensorFlow backend (XLA compiles it
+    too), and Keras's own code everywhere else: other backends, masks,
+    synchronized or renormalized batch norm. Same variables, config and
+    moving-statistics update (the biased batch variance, as Keras keeps it),
+    so weights and checkpoints are interchangeable with Keras's layer.
+    """
+
+    def _fused(self, inputs, mask) -> bool:
+        return (
+            keras.backend.backend() == "tensorflow"
+            and mask is None
+            and not self.synchronized
+            and not self.renorm
+            and len(inputs.shape) == 4
+            and self.axis in (-1, 3)
+            and inputs.dtype in ("float32", "float16", "bfloat16")
+        )
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fused(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        channels = inputs.shape[-1]
+        scale = tf.cast(self.gamma, "float32") if self.scale else tf.ones([channels])
+        offset = tf.cast(self.beta, "float32") if self.center else tf.zeros([channels])
+        args = {"x": inputs, "scale": scale, "offset": offset, "epsilon": self.epsilon}
+        if training and self.trainable:
+            empty = tf.constant([], "float32")
+            outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+                **args, mean=empty, variance=empty, data_format="NHWC", is_training=True
+            )
+            count = tf.cast(tf.size(inputs) // channels, "float32")
+            variance = variance * (count - 1.0) / tf.maximum(count, 2.0)  # back to biased
+            momentum = self.momentum
+            self.moving_mean.assign(self.moving_mean * momentum + mean * (1.0 - momentum))
+            self.moving_variance.assign(
+                self.moving_variance * momentum + variance * (1.0 - momentum)
+            )
+        else:
+            outputs, *_ = tf.raw_ops.FusedBatchNormV3(
+                **args,
+                mean=tf.cast(self.moving_mean, "float32"),
+                variance=tf.cast(self.moving_variance, "float32"),
+                data_format="NHWC",
+                is_training=False,
+            )
+        return ops.cast(outputs, self.compute_dtype)

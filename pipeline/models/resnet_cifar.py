@@ -9,6 +9,7 @@ from __future__ import annotations
 import keras
 
 from pipeline.models import register_model
+from pipeline.models.layers import BatchNorm
 
 STAGE_WIDTHS = (16, 32, 64)
 # PyTorch's BatchNorm2d defaults (its momentum 0.1 is Keras's 0.9).
@@ -45,9 +46,7 @@ def conv_bn(x, filters: int, kernel_size: int, stride: int, name: str):
         kernel_initializer="he_normal",
         name=f"{name}_conv",
     )(x)
-    return keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn"
-    )(x)
+    return BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name=f"{name}_bn")(x)
 
 
 def basic_block(x, filters: int, stride: int, name: str):
