@@ -280,7 +280,7 @@ class RunState(keras.callbacks.Callback):
         self.resume_step = restored.step if restored else 0
         self.write = save and directory is not None
         self.sync = sync
-        self.non_finite: dict | None = None  # {"epoch", "step", "loss"} once the loss went bad
+        self.non_finite: dict | None = None  # {"epoch", "step", "loss"} once training went bad
         self.preempted: dict | None = None  # {"epoch", "step", "backup"} after SIGTERM
         self.last_backup: Path | None = restored.path if restored else None
         self._stop_requested = threading.Event()
@@ -303,8 +303,8 @@ class RunState(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._nan_at and self._nan_at[:2] == (self._epoch + 1, self._offset + batch + 1):
-            weight = self.model.trainable_variables[0]
-            weight.assign(keras.ops.full(weight.shape, float("nan"), weight.dtype))
+            for weight in self.model.trainable_variables:  # as a diverged update leaves them
+                weight.assign(keras.ops.full(weight.shape, float("nan"), weight.dtype))
 
     def on_train_batch_end(self, batch, logs=None):
         self._step = self._offset + batch + 1
@@ -335,6 +335,10 @@ class RunState(keras.callbacks.Callback):
         if loss is not None and not math.isfinite(float(loss)):
             self.non_finite = {"epoch": epoch + 1, "step": self._step, "loss": float(loss)}
             return
+        if not _all_finite(self.model.trainable_variables):  # a NaN a ReLU hid from the loss
+            self.non_finite = {"epoch": epoch + 1, "step": self._step, "loss": "weights"}
+            self.model.stop_training = True
+            return
         self._save(epoch + 1, 0)
 
     def _save(self, epoch: int, step: int) -> Path | None:
@@ -351,6 +355,10 @@ class RunState(keras.callbacks.Callback):
             signature=self.signature,
         )
         return self.last_backup
+
+
+def _all_finite(variables) -> bool:
+    return all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in variables)
 
 
 def _hook(name: str) -> tuple | None:

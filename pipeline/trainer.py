@@ -510,9 +510,13 @@ def _raise_if_stopped(state: resume.RunState, run_dir: Path) -> None:
     )
     if state.non_finite:
         bad = state.non_finite
+        what = (
+            f"the loss became {bad['loss']} at epoch {bad['epoch']}, step {bad['step']}"
+            if bad["loss"] != "weights"
+            else f"weights became NaN or Inf in epoch {bad['epoch']} (found at its end)"
+        )
         raise PipelineError(
-            f"training stopped: the loss became {bad['loss']} at epoch {bad['epoch']}, step "
-            f"{bad['step']}. {kept} and a lower optimizer.lr, or check the data."
+            f"training stopped: {what}. {kept} and a lower optimizer.lr, or check the data."
         )
     if state.preempted:
         stop = state.preempted

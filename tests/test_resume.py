@@ -309,3 +309,19 @@ def test_float16_overflow_skips_the_step_instead_of_stopping():
             np.testing.assert_array_equal(a, keras.ops.convert_to_numpy(b))
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_nan_weights_behind_a_finite_loss_stop_at_the_epoch_end(tmp_path):
+    model = _compiled()
+    state = resume.RunState(tmp_path, signature=SIGNATURE)
+    state.set_model(model)
+    state.on_epoch_begin(0)
+    state.on_epoch_end(0, {"loss": 1.0})
+    assert state.non_finite is None and len(resume.backups(tmp_path)) == 1
+    kernel = model.trainable_variables[0]  # a NaN a ReLU can turn into a finite loss
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))
+    state.on_epoch_begin(1)
+    state.on_epoch_end(1, {"loss": 0.5})
+    assert state.non_finite == {"epoch": 2, "step": 0, "loss": "weights"} and model.stop_training
+    (kept,) = resume.backups(tmp_path)
+    assert resume.read_state(kept)["epoch"] == 1  # the bad state was not backed up

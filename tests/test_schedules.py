@@ -48,7 +48,7 @@ def test_round_trips_through_keras_serialization():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"kind": "linear"}, "schedule must be one of"),
+        ({"kind": "exponential"}, "schedule must be one of"),
         ({"peak_lr": 0.0}, "learning rate must be > 0"),
         ({"warmup_steps": 200}, "warmup_steps"),
         ({"kind": "step", "milestones": (1.5,)}, "milestones are fractions"),
