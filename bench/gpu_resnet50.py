@@ -123,18 +123,16 @@ def torch_rate(*, batch: int, size: int, steps: int, warmup: int, compile: bool)
 
     if compile:
         step = torch.compile(step)
-    started = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    compile_s = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
+
+    def timed(n: int) -> float:
+        started = time.perf_counter()
+        for _ in range(n):
+            step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    compile_s, seconds = timed(warmup), timed(steps)
     return {
         "framework": f"torch {torch.__version__}, torchvision {torchvision.__version__}",
         "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",

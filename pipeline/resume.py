@@ -212,11 +212,12 @@ def restore(directory: str | os.PathLike, model, signature: dict) -> Restored | 
 
 
 def _read(path: Path) -> tuple[dict, dict]:
-    state = read_state(path)
+    """The state and arrays of one backup, opened once."""
     try:
         with np.load(path, allow_pickle=False) as archive:
-            values = {key: archive[key] for key in archive.files if key != STATE_KEY}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+            values = {key: archive[key] for key in archive.files}
+        state = json.loads(bytes(values.pop(STATE_KEY)).decode())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
         raise PipelineError(f"backup {path} is unreadable ({type(err).__name__}: {err})") from err
     wanted = len(state["model_variables"]) + len(state["optimizer_variables"])
     if len(values) != wanted:
