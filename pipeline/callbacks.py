@@ -77,3 +77,147 @@ class ConfusionMatrixLogger(keras.callbacks.Callback):
         if labels.ndim == 2:  # one-hot
             labels = labels.argmax(1)
         return confusion_matrix(labels, np.asarray(logits).argmax(1), len(self.class_names))
+
+
+def all_layers(model) -> list:
+    """Every layer of ``model``, nested models' layers included, depth first."""
+    found = []
+    for layer in model.layers:
+        found.append(layer)
+        if hasattr(layer, "layers"):
+            found += all_layers(layer)
+    return found
+
+
+class Lookahead(keras.callbacks.Callback):
+    """Lookahead on the weights (Zhang et al. 2019), with the speed records' schedule.
+
+    Every ``every`` optimizer steps, slow copies of the weights and BatchNorm
+    statistics move toward the fast ones, ``slow += (1 - decay) * (fast - slow)``,
+    and the fast weights restart from them. ``decay`` grows with training,
+    ``base ** every * (step / total_steps) ** power`` (airbench94: 0.95, 5
+    steps, cube), so early steps follow the fast weights and late ones
+    average over many; at ``total_steps`` the model takes the slow weights.
+
+    The slow weights are host memory, not part of backups: a resumed run
+    starts them from the restored weights (within ``every`` steps of the same).
+
+    Args:
+        total_steps: optimizer steps of the whole run.
+        every: steps between updates, >= 1.
+        base: per-step decay at the end of training, in (0, 1].
+        power: of the training fraction in the decay's schedule, >= 0.
+
+    Raises:
+        ValueError: an argument out of range.
+    """
+
+    def __init__(self, total_steps: int, every: int = 5, base: float = 0.95, power: float = 3.0):
+        super().__init__()
+        if total_steps < 1 or every < 1 or not 0 < base <= 1 or power < 0:
+            raise ValueError(
+                f"lookahead needs total_steps >= 1, every >= 1, 0 < base <= 1, power >= 0; got "
+                f"{total_steps}, {every}, {base}, {power}"
+            )
+        self.total_steps, self.every, self.base, self.power = total_steps, every, base, power
+        self._pairs = []
+
+    def decay(self, step: int) -> float:
+        """The decay of the update at optimizer step ``step`` (a multiple of ``every``)."""
+        return self.base**self.every * (step / self.total_steps) ** self.power
+
+    def on_train_begin(self, logs=None):
+        tracked = list(self.model.trainable_variables)
+        for layer in all_layers(self.model):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                tracked += [layer.moving_mean, layer.moving_variance]
+        self._pairs = [(v, np.array(v.numpy())) for v in tracked]
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if step % self.every == 0:
+            self._update(self.decay(step))
+        if step == self.total_steps:  # the end: the model keeps the slow weights
+            self._update(1.0)
+
+    def _update(self, decay: float) -> None:
+        for variable, slow in self._pairs:
+            slow += (1.0 - decay) * (variable.numpy() - slow)
+            variable.assign(slow)
+
+
+class FreezeLayers(keras.callbacks.Callback):
+    """Stops training the named layers once ``epochs`` epochs are done.
+
+    The speed records train the whitening layer's bias for the first 3 epochs
+    only (airbench94's ``whiten_bias_epochs``). Frozen weights get no
+    gradient, no momentum and no weight decay from then on.
+
+    Training over, the layers are trainable again, so the model is saved as built.
+
+    Args:
+        layers: ``{layer name: epochs to train it}``; names are searched in
+            nested models too.
+    """
+
+    def __init__(self, layers: dict[str, int]):
+        super().__init__()
+        self.layers = {str(k): int(v) for k, v in layers.items()}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        by_name = {layer.name: layer for layer in all_layers(self.model)}
+        missing = sorted(set(self.layers) - set(by_name))
+        if missing:
+            raise ValueError(
+                f"trainer.freeze_after names layers {missing} that model {self.model.name!r} "
+                f"lacks; its layers: {', '.join(sorted(by_name))}"
+            )
+        changed = False
+        for name, epochs in self.layers.items():
+            if epoch >= epochs and by_name[name].trainable:
+                by_name[name].trainable = False
+                changed = True
+        if changed:  # the training step was traced with the old trainable weights
+            self.model.make_train_function(force=True)
+
+    def on_train_end(self, logs=None):
+        # The model is saved as built: a frozen layer would leave its optimizer one
+        # variable short of the saved one, which Keras warns about on every load.
+        by_name = {layer.name: layer for layer in all_layers(self.model)}
+        for name in self.layers:
+            if name in by_name:
+                by_name[name].trainable = True
+
+
+class AlternatingFlipEpochs(keras.callbacks.Callback):
+    """Tells the model's ``AlternatingFlip`` layers the parity of the epoch beginning."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        from pipeline.models.layers import AlternatingFlip
+
+        for layer in all_layers(self.model):
+            if isinstance(layer, AlternatingFlip):
+                layer.mirror.assign(float(epoch % 2))
+
+
+class EvaluateEachEpoch(keras.callbacks.Callback):
+    """Adds ``<prefix>_<metric>`` of a dataset to every epoch's logs (history, TensorBoard).
+
+    For a learning curve on the test split when there is no validation split
+    (the speed records report test accuracy after each epoch); nothing is
+    chosen by it.
+
+    Args:
+        data: batched ``(images, labels)``.
+        prefix: of the logged names, e.g. ``test``.
+    """
+
+    def __init__(self, data, prefix: str = "test"):
+        super().__init__()
+        self.data, self.prefix = data, prefix
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        result = self.model.evaluate(self.data, verbose=0, return_dict=True)
+        logs.update({f"{self.prefix}_{k}": float(v) for k, v in result.items()})

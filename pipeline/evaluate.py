@@ -6,6 +6,8 @@ runs the model from a checkpoint in float32 and writes ``<run_dir>/eval/``:
 - ``report.json``: loss, top-1 and top-k accuracy (k = min(5, classes)),
   per-class precision, recall and F1, the confusion matrix, expected
   calibration error with its bins, and the most confidently wrong images;
+  with ``eval.tta=flip|flip_translate`` all of them are computed on the
+  test-time-augmented logits (``pipeline.tta``);
 - ``confusion_matrix.png`` and ``mistakes.png``;
 
 and logs the numbers and both images to ``<run_dir>/tensorboard/eval``.
@@ -79,6 +81,9 @@ class Run:
         """
         return str(self.config.data.get("resize", None) or "stretch")
 
+    def _had_no_val_split(self) -> bool:
+        return self.manifest.get("data", {}).get("counts", {}).get("val") == 0
+
     def weights_path(self, checkpoint: str) -> Path:
         """The file holding ``checkpoint`` (``best``, ``last`` or ``final``).
 
@@ -90,6 +95,11 @@ class Run:
                 f"checkpoint must be one of {', '.join(CHECKPOINTS)}; got {checkpoint!r}"
             )
         path = self.path / CHECKPOINTS[checkpoint]
+        if checkpoint == "best" and not path.is_file() and self._had_no_val_split():
+            log.info(
+                "the run had no validation split, so no best checkpoint: using the final model"
+            )
+            path = self.path / CHECKPOINTS["final"]
         if not path.is_file():
             raise PipelineError(
                 f"{path} does not exist: the run has no {checkpoint!r} checkpoint (did training "
@@ -139,6 +149,23 @@ class Run:
         finally:
             keras.mixed_precision.set_global_policy(previous)
         return model
+
+
+def check_tta(mode: str, key: str) -> str:
+    """Returns ``mode`` if it is one of ``pipeline.tta.TTA_MODES``.
+
+    Args:
+        mode: the test-time augmentation asked for.
+        key: how the user set it (``eval.tta``, ``--tta``, ...), for the message.
+
+    Raises:
+        PipelineError: naming ``key``, the value received and the valid modes.
+    """
+    from pipeline.tta import TTA_MODES
+
+    if mode not in TTA_MODES:
+        raise PipelineError(f"{key} must be one of {', '.join(TTA_MODES)}; got {mode!r}")
+    return mode
 
 
 def require_run_dir(cfg: DictConfig) -> None:
@@ -509,6 +536,7 @@ def evaluate(
     step_size: float | None = None,
     random_start: bool = True,
     max_examples: int = 500,
+    tta: str = "none",
 ) -> dict:
     """Evaluates a training run and writes its report, images and TensorBoard logs.
 
@@ -527,6 +555,8 @@ def evaluate(
         step_size: PGD step on the [0, 1] scale; None: ``2.5 * eps / pgd_steps``.
         random_start: PGD starts from a random point in the eps-ball.
         max_examples: the first this many evaluation images are attacked.
+        tta: test-time augmentation of the logits every metric is computed
+            on: ``none``, ``flip`` or ``flip_translate`` (see ``pipeline.tta``).
 
     Returns:
         The report (also written to ``<out_dir>/report.json``).
@@ -534,10 +564,13 @@ def evaluate(
     Raises:
         PipelineError: a missing run, checkpoint or folder, mismatched classes,
             data that changed since training, a model file changed since
-            training, or bad attack settings.
+            training, or bad attack or TTA settings.
     """
+    from pipeline.tta import with_tta
+
     run = load_run(run_dir)
     weights = run.weights_path(checkpoint)
+    check_tta(tta, "eval.tta")
     batch_size = int(batch_size or run.config.data.batch_size)
     if batch_size < 1:
         raise PipelineError(f"data.batch_size must be >= 1, got {batch_size}")
@@ -549,12 +582,13 @@ def evaluate(
     images, members, data_info = _test_split(run, test_path)
     model = run.build_model(checkpoint)
     files = [Path(data_info["path"]) / m for m in members] if "path" in data_info else None
-    logits, labels, mistakes = _predict(model, images, batch_size, files)
+    logits, labels, mistakes = _predict(with_tta(model, tta), images, batch_size, files)
     names = run.class_names
     report = {
         "run_dir": str(run.path),
         "checkpoint": checkpoint,
         "weights": str(weights.relative_to(run.path)),
+        "tta": tta,
         "data": {**data_info, "count": len(labels)},
         "class_names": names,
         **classification_metrics(logits, labels, names),
@@ -570,6 +604,8 @@ def evaluate(
         ],
     }
     if attack is not None:
+        # always the plain model, whatever tta is: robustness stays comparable across eval.tta
+        # settings, and attacking through the views would cost up to 6x the gradient steps
         report["adversarial"] = _robustness(model, images, batch_size, **attack)
     out = Path(out_dir) if out_dir else run.path / "eval"
     _write_outputs(report, mistakes, out, run)
@@ -662,6 +698,7 @@ def _print_summary(report: dict, out: Path) -> None:
     rows = [
         ("examples", str(report["data"]["count"])),
         ("checkpoint", f"{report['checkpoint']} ({report['weights']})"),
+        ("test-time augmentation", report["tta"]),
         ("loss", f"{report['loss']:.4f}"),
         ("accuracy", f"{report['accuracy']:.4f}"),
         (f"top-{report['top_k']} accuracy", f"{report['top_k_accuracy']:.4f}"),
@@ -695,6 +732,7 @@ def main(cfg: DictConfig) -> None:
             step_size=cfg.eval.step_size,
             random_start=cfg.eval.random_start,
             max_examples=cfg.eval.max_examples,
+            tta=cfg.eval.tta,
         )
 
 

@@ -1,4 +1,4 @@
-"""Export a trained run: ``python -m pipeline.export run_dir=... format=saved_model``.
+"""Export a trained run: ``python -m pipeline.export run_dir=... format=saved_model [tta=flip]``.
 
 Each format goes to ``<run_dir>/export/`` with the class names beside or inside it:
 
@@ -6,18 +6,25 @@ Each format goes to ``<run_dir>/export/`` with the class names beside or inside 
   takes uint8 images ``[N, H, W, 3]`` of any height and width, resizes them
   inside the way training did (``data.resize``; digits: antialiased stretch),
   and returns ``{"probabilities": [N, C] float32, "classes": [C] string}``. The
-  module also holds ``class_names``, ``image_size`` and ``resize`` as variables
-  and ``assets/class_names.txt``. ``tf.saved_model.load`` alone loads it.
+  module also holds ``class_names``, ``image_size``, ``resize`` and ``tta`` as
+  variables and ``assets/class_names.txt``. ``tf.saved_model.load`` alone loads it.
 - ``model.keras`` + ``class_names.json``: the Keras model (float32 pixels
   ``[N, S, S, 3]`` on 0..255 -> logits); loading it needs ``import pipeline.models``.
 - ``model.tflite`` + ``class_names.json``: LiteRT through Keras's own
   ``model.export(format="litert")``; float32 pixels ``[N, S, S, 3]`` ->
   probabilities. Checking it needs the ``ai-edge-litert`` package.
 
+With ``tta=flip|flip_translate`` the SavedModel and LiteRT exports hold the
+test-time augmentation (``pipeline.tta``): they return the softmax of the
+logits averaged over the views. A ``.keras`` file holds the plain model only
+(``python -m pipeline.predict MODEL.keras --tta ...`` adds TTA when predicting),
+so ``format=keras`` with a TTA mode is refused.
+
 The model is rebuilt in float32 (a mixed-precision run's weights are float32).
 After each export a parity check runs the exported model on a fixed batch and
-compares its probabilities with the in-memory model's; the largest absolute
-difference goes to ``export/parity.json`` and must be at most ``1e-4``.
+compares its probabilities with the in-memory model's (wrapped in the same
+TTA); the largest absolute difference goes to ``export/parity.json`` and must
+be at most ``1e-4``.
 
 The checkpoint is checked against the SHA-256 in the run's manifest before it
 is loaded, and each exported artifact's SHA-256 is recorded there in turn (when
@@ -43,6 +50,7 @@ log = logging.getLogger("pipeline.export")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 FORMATS = ("saved_model", "keras", "tflite")
+TTA_FORMATS = ("saved_model", "tflite")  # a .keras file cannot hold the TTA wrapper layer
 PARITY_TOLERANCE = 1e-4  # max abs difference of probabilities, both in float32
 PARITY_BATCH = 8  # images in the parity batch
 PARITY_EXTRA_PIXELS = (9, 5)  # the batch is larger than the model's input, so resizing runs
@@ -55,6 +63,7 @@ def export_run(
     formats: Sequence[str] = ("saved_model",),
     checkpoint: str = "final",
     out_dir=None,
+    tta: str = "none",
 ) -> dict:
     """Exports a training run's model and checks each export against it.
 
@@ -63,17 +72,20 @@ def export_run(
         formats: any of ``saved_model``, ``keras``, ``tflite``.
         checkpoint: ``final`` (``model.keras``), ``best`` or ``last``.
         out_dir: where to write; defaults to ``<run_dir>/export``.
+        tta: test-time augmentation baked into the exports: ``none``,
+            ``flip`` or ``flip_translate`` (``saved_model`` and ``tflite`` only).
 
     Returns:
         The parity report (also in ``<out_dir>/parity.json``).
 
     Raises:
-        PipelineError: an unknown format, a missing run or checkpoint, a
-            missing package, or an export that disagrees with the model.
+        PipelineError: an unknown format or TTA mode, a TTA mode with
+            ``keras``, a missing run or checkpoint, a missing package, or an
+            export that disagrees with the model.
     """
     from pipeline.evaluate import load_run
 
-    formats = check_formats(formats)
+    formats = check_formats(formats, tta=tta)
     run = load_run(run_dir)
     run.weights_path(checkpoint)  # a missing checkpoint fails before the slow part
     model = run.build_model(checkpoint)
@@ -85,6 +97,7 @@ def export_run(
         class_names=run.class_names,
         image_size=run.image_size,
         resize=run.resize,
+        tta=tta,
         provenance={"run_dir": str(run.path), "checkpoint": checkpoint},
     )
     _record_exports(run.path, out, report)
@@ -111,6 +124,7 @@ def export_model(
     class_names: list[str],
     image_size: int,
     resize: str,
+    tta: str = "none",
     provenance: dict | None = None,
 ) -> dict:
     """Exports a float32 model in each format, checks each, and writes ``parity.json``.
@@ -124,21 +138,28 @@ def export_model(
         image_size: ``S``.
         resize: ``crop``, ``pad`` or ``stretch``: how the SavedModel brings
             other sizes to ``S``.
+        tta: ``none``, ``flip`` or ``flip_translate``: the exports (and the
+            model they are checked against) average the logits over its views.
         provenance: recorded in the report as is (where the model came from).
 
     Returns:
-        ``{"tolerance", "batch_shape", "formats": {format: {"path", "max_abs_diff"}}, ...}``.
+        ``{"tta", "tolerance", "batch_shape", "formats": {format: {"path",
+        "max_abs_diff", "tta"}}, ...}``.
 
     Raises:
-        PipelineError: a format's parity check failed (``parity.json`` is
-            written first).
+        PipelineError: a bad format or TTA mode, or a format's parity check
+            failed (``parity.json`` is written first).
     """
-    formats = check_formats(formats)
+    from pipeline.tta import with_tta
+
+    formats = check_formats(formats, tta=tta)
+    model = with_tta(model, tta)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     raw, resized, expected = _parity_batch(model, image_size, resize)
     report = {
         **(provenance or {}),
+        "tta": tta,
         "tolerance": PARITY_TOLERANCE,
         "batch_shape": list(raw.shape),
         "formats": {},
@@ -147,7 +168,7 @@ def export_model(
     for fmt in formats:
         if fmt == "saved_model":
             path = out / "saved_model"
-            export_saved_model(model, path, **info)
+            export_saved_model(model, path, **info, tta=tta)
             got = _run_saved_model(path, raw, class_names)
         elif fmt == "keras":
             path = out / "model.keras"
@@ -160,7 +181,8 @@ def export_model(
         if fmt != "saved_model":
             (out / "class_names.json").write_text(json.dumps(info, indent=2) + "\n")
         diff = float(np.max(np.abs(got - expected)))
-        report["formats"][fmt] = {"path": path.name, "max_abs_diff": diff}
+        # per format too: parity.json keeps earlier exports' entries, perhaps of another tta
+        report["formats"][fmt] = {"path": path.name, "max_abs_diff": diff, "tta": tta}
         log.info("Exported %s to %s: max abs difference %.3g", fmt, path, diff)
     bad = {f: r["max_abs_diff"] for f, r in report["formats"].items()}
     bad = {f: d for f, d in bad.items() if not d <= PARITY_TOLERANCE}
@@ -174,9 +196,13 @@ def export_model(
 
 
 def export_saved_model(
-    model, path, *, class_names: list[str], image_size: int, resize: str
+    model, path, *, class_names: list[str], image_size: int, resize: str, tta: str = "none"
 ) -> None:
-    """Writes a SavedModel serving uint8 images of any size; see the module docstring."""
+    """Writes a SavedModel serving uint8 images of any size; see the module docstring.
+
+    ``tta`` is only recorded (the ``tta`` variable): ``model`` is served as
+    given, so pass it already wrapped by ``pipeline.tta.with_tta``.
+    """
     import tensorflow as tf
 
     from pipeline.data.sources import RESIZE_MODES, resize_image
@@ -195,6 +221,7 @@ def export_saved_model(
             self.class_names = tf.Variable(list(class_names), trainable=False, name="class_names")
             self.image_size = tf.Variable(size, trainable=False, name="image_size")
             self.resize = tf.Variable(resize, trainable=False, name="resize")
+            self.tta = tf.Variable(tta, trainable=False, name="tta")
 
         @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, "images")])
         def serve(self, images):
@@ -242,8 +269,22 @@ def require_litert():
     return Interpreter
 
 
-def check_formats(formats) -> list[str]:
-    """Checks export formats (and LiteRT for tflite) before anything runs."""
+def check_formats(formats, *, tta: str = "none") -> list[str]:
+    """Checks export formats, the TTA mode (and LiteRT for tflite) before anything runs.
+
+    Args:
+        formats: a format or a list of them.
+        tta: the test-time augmentation to bake into every format.
+
+    Returns:
+        The formats, as a list.
+
+    Raises:
+        PipelineError: an unknown format or TTA mode, a TTA mode with a format
+            that cannot hold it, or LiteRT missing for ``tflite``.
+    """
+    from pipeline.evaluate import check_tta
+
     if isinstance(formats, str):
         formats = [formats]
     formats = list(formats)
@@ -251,6 +292,13 @@ def check_formats(formats) -> list[str]:
     if unknown or not formats:
         raise PipelineError(
             f"format must be one or more of {', '.join(FORMATS)}; got {formats or 'nothing'}"
+        )
+    plain_only = [f for f in formats if f not in TTA_FORMATS]
+    if check_tta(tta, "tta") != "none" and plain_only:
+        raise PipelineError(
+            f"tta={tta} can be baked into {' and '.join(TTA_FORMATS)} only, not {plain_only}: "
+            "a .keras file holds the plain model. Export keras with tta=none and predict with "
+            f"python -m pipeline.predict MODEL.keras --tta {tta}, or drop it from the formats."
         )
     if "tflite" in formats:
         require_litert()  # before anything is written
@@ -323,6 +371,8 @@ def _print_summary(report: dict, out: Path) -> None:
             f"{result['max_abs_diff']:.2e} (<= {report['tolerance']:g})",
             flush=True,
         )
+    if report["tta"] != "none":
+        print(f"  test-time augmentation {report['tta']} (baked into the exports)", flush=True)
     print(f"  parity report {out / 'parity.json'}", flush=True)
 
 
@@ -335,7 +385,11 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         require_run_dir(cfg)
         report = export_run(
-            cfg.run_dir, formats=formats, checkpoint=cfg.checkpoint, out_dir=cfg.out_dir
+            cfg.run_dir,
+            formats=formats,
+            checkpoint=cfg.checkpoint,
+            out_dir=cfg.out_dir,
+            tta=cfg.tta,
         )
     _print_summary(report, Path(cfg.out_dir) if cfg.out_dir else Path(cfg.run_dir) / "export")
 

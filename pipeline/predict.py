@@ -15,6 +15,12 @@ to the model's input as in training, and classified in batches. A file that
 cannot be read gets a row with its error and the rest go on. The exit code is 0
 when at least one image was classified, 1 when none was, 2 for a bad MODEL.
 
+``--tta flip|flip_translate`` averages the model's logits over mirrored (and
+one-pixel shifted) views of each image before the softmax (``pipeline.tta``),
+for a run directory or a ``.keras`` file. A SavedModel serves the test-time
+augmentation it was exported with (``python -m pipeline.export ... tta=flip``);
+``--tta`` cannot add one to it and is refused.
+
 Before decoding, each file's header is read: files that are not images, and
 images of more than ``--max-pixels`` pixels (default: the run's
 ``data.max_pixels``, else Pillow's limit), are refused undecoded. A model file
@@ -65,7 +71,7 @@ class Predictor:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-def load_predictor(model_path, *, allow_unsafe_h5: bool = False) -> Predictor:
+def load_predictor(model_path, *, allow_unsafe_h5: bool = False, tta: str = "none") -> Predictor:
     """Loads MODEL: a run directory, a ``.keras`` file or a SavedModel directory.
 
     A model inside a training run (the run itself, or its ``export/``) is
@@ -75,20 +81,31 @@ def load_predictor(model_path, *, allow_unsafe_h5: bool = False) -> Predictor:
         model_path: MODEL (see the module docstring).
         allow_unsafe_h5: also load a legacy full-model ``.h5``/``.hdf5`` file,
             which can run code when loaded.
+        tta: test-time augmentation wrapped around a Keras model: ``none``,
+            ``flip`` or ``flip_translate``; only ``none`` for a SavedModel.
 
     Raises:
         PipelineError: the path is none of these, the model changed since it
             was saved, holds code (a Lambda layer, an unallowed .h5), or cannot
-            be loaded.
+            be loaded; a bad ``tta``, or one asked of a SavedModel.
     """
     from pipeline import security
+    from pipeline.evaluate import check_tta
 
+    check_tta(tta, "--tta")
     path = Path(model_path).expanduser()
     if path.is_dir() and (path / "manifest.json").is_file():
-        return _run_predictor(path)
+        return _run_predictor(path, tta)
     run_dir = security.find_run_dir(path.parent)
     max_pixels = _run_max_pixels(run_dir) if run_dir else DEFAULT_MAX_PIXELS
     if path.is_dir() and (path / "saved_model.pb").is_file():
+        if tta != "none":
+            raise PipelineError(
+                f"--tta {tta} cannot be added to the SavedModel {path}: it serves what was "
+                f"exported. Export it with TTA instead (python -m pipeline.export run_dir=RUN "
+                f"tta={tta}, or export.tta={tta} when training), or pass the run directory or "
+                "a .keras file with --tta."
+            )
         if run_dir:
             security.verify_artifact(run_dir, path)
         return _saved_model_predictor(path, max_pixels)
@@ -101,7 +118,7 @@ def load_predictor(model_path, *, allow_unsafe_h5: bool = False) -> Predictor:
             info = {"class_names": info}
         model = security.safe_load_keras(path, allow_unsafe=allow_unsafe_h5)
         resize = info.get("resize", DEFAULT_RESIZE)
-        return _keras_predictor(model, path, info.get("class_names"), resize, max_pixels)
+        return _keras_predictor(model, path, info.get("class_names"), resize, max_pixels, tta)
     raise PipelineError(
         f"MODEL={str(model_path)!r} is not a training run directory (with manifest.json), a "
         ".keras file or a SavedModel directory (with saved_model.pb)."
@@ -119,7 +136,7 @@ def _run_max_pixels(run_dir: Path) -> int:
     return int(value) if value else DEFAULT_MAX_PIXELS
 
 
-def _run_predictor(path: Path) -> Predictor:
+def _run_predictor(path: Path, tta: str) -> Predictor:
     from pipeline import security
     from pipeline.evaluate import load_run
 
@@ -129,13 +146,16 @@ def _run_predictor(path: Path) -> Predictor:
         raise PipelineError(f"{path} has no model.keras: did training finish?")
     security.verify_artifact(path, model_file)
     model = security.safe_load_keras(model_file)
-    return _keras_predictor(model, model_file, run.class_names, run.resize, _run_max_pixels(path))
+    max_pixels = _run_max_pixels(path)
+    return _keras_predictor(model, model_file, run.class_names, run.resize, max_pixels, tta)
 
 
 def _keras_predictor(
-    model, path: Path, class_names: list[str] | None, resize: str, max_pixels: int
+    model, path: Path, class_names: list[str] | None, resize: str, max_pixels: int, tta: str
 ) -> Predictor:
     import keras
+
+    from pipeline.tta import with_tta
 
     _, height, width, _ = model.input_shape
     num_classes = model.output_shape[-1]
@@ -150,6 +170,7 @@ def _keras_predictor(
             f"{path} has {num_classes} outputs but {len(class_names)} class names "
             f"({class_names}): the class_names.json beside it belongs to another model."
         )
+    model = with_tta(model, tta)
 
     def probabilities(images: np.ndarray) -> np.ndarray:
         logits = model(images.astype(np.float32), training=False)
@@ -266,6 +287,7 @@ def predict(
     batch_size: int = BATCH_SIZE,
     max_pixels: int | None = None,
     allow_unsafe_h5: bool = False,
+    tta: str = "none",
 ):
     """Classifies every image in ``inputs``.
 
@@ -277,6 +299,8 @@ def predict(
         max_pixels: larger images are refused from their header, undecoded;
             None: the run's ``data.max_pixels``, else ``DEFAULT_MAX_PIXELS``.
         allow_unsafe_h5: also load a legacy full-model ``.h5`` MODEL.
+        tta: ``none``, ``flip`` or ``flip_translate``: probabilities from the
+            logits averaged over those views (run directory or ``.keras`` MODEL).
 
     Returns:
         One dict per file, in order: ``{"file", "predictions": [{"class",
@@ -285,13 +309,13 @@ def predict(
 
     Raises:
         PipelineError: MODEL cannot be loaded or is refused, or a bad
-            ``top_k``/``batch_size``/``max_pixels``.
+            ``top_k``/``batch_size``/``max_pixels``/``tta``.
     """
     if top_k < 1 or batch_size < 1:
         raise PipelineError(f"--top-k and --batch-size must be >= 1, got {top_k} and {batch_size}")
     if max_pixels is not None and max_pixels < 1:
         raise PipelineError(f"--max-pixels must be >= 1, got {max_pixels}")
-    predictor = load_predictor(model_path, allow_unsafe_h5=allow_unsafe_h5)
+    predictor = load_predictor(model_path, allow_unsafe_h5=allow_unsafe_h5, tta=tta)
     limit = max_pixels or predictor.max_pixels
     from pipeline.data.sources import resize_image
 
@@ -375,6 +399,15 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="load a legacy full-model .h5 MODEL (it can run code: only files you trust)",
     )
+    parser.add_argument(
+        "--tta",
+        default="none",
+        metavar="MODE",
+        # checked by predict(), which words the error as every other command does
+        help="test-time augmentation for a run directory or .keras MODEL: none (default), flip "
+        "(image and mirror) or flip_translate (also shifted one pixel); a SavedModel keeps the "
+        "one it was exported with",
+    )
     args = parser.parse_args(argv)
     try:
         rows = predict(
@@ -384,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             max_pixels=args.max_pixels,
             allow_unsafe_h5=args.allow_unsafe_h5,
+            tta=args.tta,
         )
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)

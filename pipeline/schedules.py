@@ -24,8 +24,13 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         peak_lr: learning rate at the end of warmup (already scaled to the
             global batch).
         total_steps: optimizer steps of the whole run.
-        warmup_steps: steps of linear warmup from ``peak_lr / warmup_steps``.
+        warmup_steps: steps of linear warmup from ``peak_lr / warmup_steps``
+            (or from ``warmup_from * peak_lr``).
         kind: ``constant``, ``step``, ``cosine`` or ``linear``.
+        warmup_from: learning rate at step 0 as a fraction of ``peak_lr``; 0
+            starts at ``peak_lr / warmup_steps`` (the speed records start at 0.2).
+        final: linear only: learning rate at the last step as a fraction of
+            ``peak_lr`` (the speed records end at 0.07).
         alpha: cosine only: final learning rate as a fraction of ``peak_lr``.
         milestones: step only: fractions of ``total_steps`` at which the rate
             is multiplied by ``factor``.
@@ -41,6 +46,8 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         alpha: float = 0.0,
         milestones: tuple[float, ...] = (),
         factor: float = 0.1,
+        warmup_from: float = 0.0,
+        final: float = 0.0,
     ):
         if kind not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
@@ -54,7 +61,14 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         bad = [m for m in milestones if not 0.0 < m < 1.0]
         if bad:
             raise ValueError(f"milestones are fractions of training in (0, 1), got {bad}")
+        if not (0.0 <= warmup_from <= 1.0 and 0.0 <= final <= 1.0):
+            raise ValueError(
+                f"warmup_from and final are fractions of peak_lr in [0, 1], got "
+                f"{warmup_from} and {final}"
+            )
         self.peak_lr = float(peak_lr)
+        self.warmup_from = float(warmup_from)
+        self.final = float(final)
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)
         self.kind = kind
@@ -72,7 +86,7 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         elif self.kind == "linear":
             span = max(self.total_steps - self.warmup_steps, 1)
             progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
-            lr = self.peak_lr * (1.0 - progress)
+            lr = self.peak_lr * (1.0 - (1.0 - self.final) * progress)
         elif self.kind == "step":
             lr = ops.convert_to_tensor(self.peak_lr, "float32")
             for m in self.milestones:
@@ -81,7 +95,11 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         else:
             lr = ops.convert_to_tensor(self.peak_lr, "float32")
         if self.warmup_steps > 0:
-            warm = self.peak_lr * (step + 1.0) / self.warmup_steps
+            if self.warmup_from > 0:
+                fraction = step / self.warmup_steps
+                warm = self.peak_lr * (self.warmup_from + (1.0 - self.warmup_from) * fraction)
+            else:
+                warm = self.peak_lr * (step + 1.0) / self.warmup_steps
             lr = ops.where(step < self.warmup_steps, warm, lr)
         return lr
 
@@ -94,4 +112,6 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
             "alpha": self.alpha,
             "milestones": list(self.milestones),
             "factor": self.factor,
+            "warmup_from": self.warmup_from,
+            "final": self.final,
         }

@@ -17,7 +17,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from pipeline import hparams, sweep
+from pipeline import hparams, sweep, tta
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline.train")
@@ -38,6 +38,10 @@ CHOICES = {
     "trainer.precision": ("auto", "float32", "mixed_float16", "mixed_bfloat16"),
     "trainer.jit_compile": ("auto", True, False),
     "trainer.adversarial": ("none", "fgsm_rs", "pgd"),
+    "trainer.tta": tta.TTA_MODES,
+    "export.tta": tta.TTA_MODES,
+    "augment.flip": (True, False, "alternating"),
+    "augment.pad_mode": ("zeros", "reflect"),
     "schedule.name": ("constant", "step", "cosine", "linear"),
     "data.source": ("digits", "folder", "tfds", "synthetic"),
     "data.resize": ("crop", "pad", "stretch"),
@@ -61,6 +65,7 @@ NOT_HPARAMS = (
     "trainer.verbose",
     "trainer.profile_batches",
     "export.formats",
+    "export.tta",
     "data.cache_dir",
 )
 
@@ -86,7 +91,10 @@ def check_config(cfg: DictConfig) -> None:
     if formats:
         from pipeline import export
 
-        export.check_formats(formats)
+        try:
+            export.check_formats(formats, tta=cfg.export.get("tta", "none"))
+        except PipelineError as err:
+            raise PipelineError(f"export: {err}") from err
     if cfg.optimizer.lr <= 0 or cfg.optimizer.ref_batch < 1:
         raise PipelineError(
             f"optimizer.lr must be > 0 and optimizer.ref_batch >= 1, got "
@@ -163,9 +171,12 @@ def _optimizer_factory(
     schedule_kwargs = {
         "peak_lr": peak_lr,
         "total_steps": total,
-        "warmup_steps": min(total, int(round(sched.get("warmup_epochs", 0) * steps_per_epoch))),
+        "warmup_steps": min(total, _warmup_steps(sched, steps_per_epoch, total)),
         "kind": sched["name"],
+        "warmup_from": sched.get("warmup_from", 0.0),
     }
+    if sched["name"] == "linear":
+        schedule_kwargs["final"] = sched.get("final", 0.0)
     if sched["name"] == "cosine":
         schedule_kwargs["alpha"] = sched.get("alpha", 0.0)
     if sched["name"] == "step":
@@ -178,6 +189,13 @@ def _optimizer_factory(
         )
 
     return build_optimizer, peak_lr
+
+
+def _warmup_steps(sched: dict, steps_per_epoch: int, total: int) -> int:
+    """``schedule.warmup_fraction`` of all steps if set, else ``schedule.warmup_epochs``."""
+    if sched.get("warmup_fraction") is not None:
+        return int(round(float(sched["warmup_fraction"]) * total))
+    return int(round(sched.get("warmup_epochs", 0) * steps_per_epoch))
 
 
 def setup_training(cfg: DictConfig):
@@ -247,6 +265,8 @@ def model_factories(cfg: DictConfig, bundle):
     model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
     adversarial = _adversarial_options(cfg.trainer)
     arch = model_kwargs.pop("arch")
+    whiten_images = int(model_kwargs.get("whiten_images", 0))  # fastnet: its whitening filters
+    adapt_images = bundle.sample_images(whiten_images) if whiten_images else None
 
     def build_model():
         try:
@@ -256,6 +276,8 @@ def model_factories(cfg: DictConfig, bundle):
                 input_shape=bundle.image_shape,
                 mean=bundle.mean,
                 std=bundle.std,
+                adapt_images=adapt_images,
+                alternating_flip=cfg.augment.get("flip") == "alternating",
                 **model_kwargs,
             )
         except (ValueError, FileNotFoundError, TypeError) as err:
@@ -270,6 +292,34 @@ def model_factories(cfg: DictConfig, bundle):
         epochs=cfg.trainer.epochs,
     )
     return build_model, build_optimizer, peak_lr
+
+
+def technique_callbacks(cfg: DictConfig, bundle) -> list:
+    """The training techniques the config turns on, as callbacks (``pipeline.callbacks``).
+
+    ``trainer.lookahead`` ({every, base, power}), ``trainer.freeze_after``
+    ({layer name: epochs}), ``trainer.test_each_epoch`` and, for
+    ``augment.flip=alternating``, the epoch parity of the model's flip layer.
+    """
+    from pipeline import callbacks
+
+    steps_per_epoch = bundle.steps_per_epoch()
+    found = []
+    if cfg.augment.get("flip") == "alternating":
+        found.append(callbacks.AlternatingFlipEpochs())
+    lookahead = cfg.trainer.get("lookahead")
+    if lookahead:
+        total = int(cfg.trainer.epochs) * steps_per_epoch
+        try:
+            found.append(callbacks.Lookahead(total, **OmegaConf.to_container(lookahead)))
+        except (TypeError, ValueError) as err:
+            raise PipelineError(f"trainer.lookahead: {err}") from err
+    freeze = cfg.trainer.get("freeze_after")
+    if freeze:
+        found.append(callbacks.FreezeLayers(OmegaConf.to_container(freeze)))
+    if cfg.trainer.get("test_each_epoch"):  # after the others: it sees the weights they left
+        found.append(callbacks.EvaluateEachEpoch(bundle.test, "test"))
+    return found
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
@@ -363,6 +413,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         signature=runs.signature(cfg, bundle, source),
         class_weight=weights,
         confusion_matrix_every=t.confusion_matrix_every,
+        extra_callbacks=technique_callbacks(cfg, bundle),
+        tta=t.get("tta", "none"),
     )
     result.model.save(run_dir / "model.keras")
     metrics = {
@@ -411,7 +463,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     elif cfg.export.formats:
         from pipeline import export
 
-        parity = export.export_run(run_dir, formats=list(cfg.export.formats))
+        parity = export.export_run(
+            run_dir, formats=list(cfg.export.formats), tta=cfg.export.get("tta", "none")
+        )
         metrics["export_max_abs_diff"] = max(
             (f["max_abs_diff"] for f in parity.get("formats", {}).values()), default=0.0
         )
@@ -437,8 +491,10 @@ def prepare_run_dir(cfg: DictConfig, run_dir) -> Path:
 
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:
+    tta_mode = metrics.get("tta")
     rows = [
         ("test accuracy", f"{metrics.get('test_accuracy', float('nan')):.4f}"),
+        *([("  without TTA", f"{metrics['test_plain_accuracy']:.4f}")] if tta_mode else []),
         ("test loss", f"{metrics.get('test_loss', float('nan')):.4f}"),
         ("val accuracy", f"{metrics.get('val_accuracy', float('nan')):.4f}"),
         ("train accuracy", f"{metrics.get('train_accuracy', float('nan')):.4f}"),
@@ -535,7 +591,10 @@ def main(cfg: DictConfig) -> float:
         run_dir = None
         if cfg.get("resume"):
             run_dir, cfg = _resume_target(cfg)
-        return _objective(train(cfg, run_dir), cfg.objective.metric)
+        metrics = train(cfg, run_dir)
+        if not in_sweep and cfg.objective.metric not in metrics:
+            return None  # a single run needs no objective (val_accuracy without a val split)
+        return _objective(metrics, cfg.objective.metric)
     except Exception as err:
         if in_sweep and not cfg.sweep.fail_fast:
             sweep.record_failure(job_dir, err)

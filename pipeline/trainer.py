@@ -405,7 +405,7 @@ def _callbacks(
     val_data=None,
     class_names: list[str] | None = None,
     confusion_matrix_every: int = 0,
-) -> tuple[list[keras.callbacks.Callback], EpochStats, keras.callbacks.ModelCheckpoint]:
+) -> tuple[list[keras.callbacks.Callback], EpochStats, keras.callbacks.ModelCheckpoint | None]:
     stats = EpochStats(images_per_epoch)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -416,7 +416,7 @@ def _callbacks(
             profile_batch=tuple(profile_batches) if profile_batches else 0,
         ),
     ]
-    if confusion_matrix_every:
+    if confusion_matrix_every and val_data is not None:
         callbacks.append(
             ConfusionMatrixLogger(
                 val_data,
@@ -425,16 +425,18 @@ def _callbacks(
                 every_n_epochs=confusion_matrix_every,
             )
         )
-    best = keras.callbacks.ModelCheckpoint(
-        str(ckpt_dir / "best.weights.h5"),
-        monitor=checkpoint_monitor,
-        save_best_only=True,
-        save_weights_only=True,
+    best = None
+    if val_data is not None:  # no validation split: the final weights are the result
+        best = keras.callbacks.ModelCheckpoint(
+            str(ckpt_dir / "best.weights.h5"),
+            monitor=checkpoint_monitor,
+            save_best_only=True,
+            save_weights_only=True,
+        )
+        callbacks.append(best)
+    callbacks.append(
+        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.weights.h5"), save_weights_only=True)
     )
-    callbacks += [
-        best,
-        keras.callbacks.ModelCheckpoint(str(ckpt_dir / "last.weights.h5"), save_weights_only=True),
-    ]
     if early_stopping:
         callbacks.append(
             keras.callbacks.EarlyStopping(
@@ -525,6 +527,31 @@ def _raise_if_stopped(state: resume.RunState, run_dir: Path) -> None:
         )
 
 
+def _tta_test_metrics(model, test, mode: str, label_smoothing: float) -> dict:
+    """``test_*`` metrics of ``model`` with test-time augmentation ``mode``.
+
+    Computed from the wrapped model's logits: compiling the wrapper would mix
+    the inner model's own (compiled) metrics into its results.
+    """
+    import numpy as np
+
+    from pipeline import tta
+
+    wrapped = tta.with_tta(model, mode)
+    logits = wrapped.predict(test.map(lambda images, labels: images), verbose=0)
+    labels = np.concatenate([keras.ops.convert_to_numpy(y) for _, y in test])
+    loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
+    ranks = np.argsort(-logits, axis=1)
+    truth = labels.argmax(axis=1)
+    metrics = {
+        "test_loss": float(loss(labels, logits)),
+        "test_accuracy": float(np.mean(ranks[:, 0] == truth)),
+    }
+    if labels.shape[1] > 5:
+        metrics["test_top5_accuracy"] = float(np.mean((ranks[:, :5] == truth[:, None]).any(1)))
+    return metrics
+
+
 def image_grid(images, columns: int = 8) -> tf.Tensor:
     """Tiles ``[N, H, W, 3]`` 0..255 images into one ``[1, rows*H, columns*W, 3]`` uint8 image."""
     images = tf.cast(tf.clip_by_value(images, 0, 255), tf.uint8)
@@ -569,6 +596,8 @@ def fit(
     signature: dict | None = None,
     class_weight: dict | None = None,
     confusion_matrix_every: int = 0,
+    extra_callbacks: list[keras.callbacks.Callback] = (),
+    tta: str = "none",
 ) -> FitResult:
     """Trains ``build_model()`` on ``data`` and evaluates it on val and test.
 
@@ -601,6 +630,11 @@ def fit(
         class_weight: per-class loss weights, or None.
         confusion_matrix_every: epochs between validation confusion-matrix
             images in TensorBoard; 0 turns them off.
+        extra_callbacks: training techniques (``pipeline.callbacks``), called
+            before TensorBoard, the checkpoints and backups see each batch and epoch.
+        tta: test-time augmentation of the final test metrics
+            (``pipeline.tta``): ``none``, ``flip`` or ``flip_translate``; the
+            plain test metrics are kept beside them as ``test_plain_*``.
 
     Returns:
         A ``FitResult``.
@@ -653,6 +687,9 @@ def fit(
         sync=sync,
     )
     callbacks.append(state)  # last: it backs up after the checkpoints have updated
+    # After EpochStats (its images/s leaves out what they do at an epoch's end), before
+    # TensorBoard, the checkpoints and backups (which log and save what they change).
+    callbacks[1:1] = list(extra_callbacks)
     if restored is not None and 0 < int(data.train.cardinality()) <= restored.step:
         restored.epoch, restored.step = restored.epoch + 1, 0  # stopped after its last batch
     initial_epoch = _resume_point(restored, epochs, data.train)
@@ -680,12 +717,17 @@ def fit(
     train_time = time.perf_counter() - start
     _raise_if_stopped(state, restore_dir.parent)
     hist = state.history
-    metrics = {"train_" + k: v[-1] for k, v in hist.items() if not k.startswith("val_")}
+    metrics = {"train_" + k: v[-1] for k, v in hist.items() if not k.startswith(("val_", "test_"))}
     metrics.pop("train_images_per_sec", None)
     metrics.pop("train_learning_rate", None)
     for split, ds in (("val", data.val), ("test", data.test)):
-        result = model.evaluate(ds, verbose=0, return_dict=True)
-        metrics.update({f"{split}_{k}": float(v) for k, v in result.items()})
+        if ds is not None:
+            result = model.evaluate(ds, verbose=0, return_dict=True)
+            metrics.update({f"{split}_{k}": float(v) for k, v in result.items()})
+    if tta != "none":  # test_* with TTA; the plain ones stay as test_plain_*
+        plain = {k: v for k, v in metrics.items() if k.startswith("test_")}
+        metrics.update({k.replace("test_", "test_plain_", 1): v for k, v in plain.items()})
+        metrics.update(_tta_test_metrics(model, data.test, tta, float(label_smoothing)), tta=tta)
     monitor = hist.get(checkpoint_monitor)
     if monitor:
         best = max(monitor) if "acc" in checkpoint_monitor else min(monitor)

@@ -20,6 +20,7 @@ STD = [0.25, 0.2, 0.3]
 # weights, BatchNorm moving statistics included (Normalization holds no weights).
 EXPECTED_PARAMS = {
     "cnn": 289_642,
+    "fastnet": 1_973_944,  # + frozen whitening and BN statistics; tests/test_fast_recipe.py
     "inception": 1_654_538,  # the compact Inception of Zhang et al. (32px < 75px)
     "keras_app": 4_062_381,  # EfficientNetB0
     "resnet18": 11_191_242,

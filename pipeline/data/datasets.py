@@ -27,7 +27,8 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-SHUFFLE_BUFFER = 20_000  # examples; whole split below this size
+SHUFFLE_BUFFER = 20_000  # examples at least; the whole split below this size
+SHUFFLE_BUFFER_BYTES = 1 << 30  # larger buffers while their images fit in 1 GiB
 STATS_BATCH = 512  # images per step of the statistics pass
 PREVIEW_IMAGES = 32  # augmented training images shown in TensorBoard
 
@@ -39,6 +40,7 @@ class DataBundle:
     ``first_batch`` is one global batch of training images, unshuffled: a
     pre-flight step uses it without advancing the training set's reshuffling.
     ``preview`` is one batch of up to 32 augmented training images, for a look.
+    ``val`` is None when the source has no validation split (``val_fraction=0``).
     """
 
     train: tf.data.Dataset
@@ -52,6 +54,7 @@ class DataBundle:
     mean: list[float]
     std: list[float]
     stats: dict = field(default_factory=dict)
+    train_images: tf.data.Dataset | None = None  # decoded, cached, unbatched, in order
 
     @property
     def class_names(self) -> list[str]:
@@ -67,6 +70,18 @@ class DataBundle:
 
     def steps_per_epoch(self) -> int:
         return -(-self.source.train.count // self.batch_size)
+
+    def sample_images(self, n: int) -> np.ndarray:
+        """Up to ``n`` training images spread evenly over the split, unaugmented.
+
+        Returns:
+            float32 ``[n, H, W, C]`` pixels, 0..255 (what data-dependent layers
+            such as the fastnet's patch whitening are set from).
+        """
+        every = max(1, self.source.train.count // max(n, 1))
+        images = self.source.train.images if self.train_images is None else self.train_images
+        picked = images.shard(every, 0).take(n).batch(STATS_BATCH)
+        return np.concatenate([images.numpy() for images, _ in picked]).astype("float32")
 
 
 def load_source(source: str, *, image_size: int, seed: int, **options) -> Source:
@@ -197,13 +212,26 @@ def shard_by_batch(ds: tf.data.Dataset) -> tf.data.Dataset:
     return ds.with_options(options)
 
 
+def shuffle_buffer(count: int, image_shape: tuple[int, ...]) -> int:
+    """Examples in the training shuffle buffer: the whole split while it fits in 1 GiB.
+
+    Sources list their files class by class, so a buffer smaller than the split
+    gives batches of a few classes at each end of every epoch (CIFAR-10's
+    45,000 images through a 20,000 buffer: the first batches hold five classes
+    at most), which BatchNorm and SGD both suffer from.
+    """
+    fits = SHUFFLE_BUFFER_BYTES // max(int(np.prod(image_shape)), 1)  # uint8 images
+    return max(1, min(count, max(SHUFFLE_BUFFER, fits)))
+
+
 def make_datasets(
     source: Source,
     *,
     batch_size: int,
     seed: int,
     crop_padding: int = 0,
-    flip: bool = False,
+    pad_mode: str = "zeros",
+    flip: bool | str = False,
     randaugment: dict | None = None,
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
@@ -218,9 +246,13 @@ def make_datasets(
         source: what ``load_source`` returned.
         batch_size: global batch size (split across replicas by Keras).
         seed: shuffling and augmentation seed.
-        crop_padding: zero padding, in pixels at 32x32 (scaled with the image
+        crop_padding: padding, in pixels at 32x32 (scaled with the image
             size), before a random crop back to size; 0 turns cropping off.
-        flip: random horizontal flips.
+        pad_mode: ``zeros`` or ``reflect`` (the speed records') padding.
+        flip: True for a random horizontal flip per image and epoch;
+            ``alternating`` for one random flip per image, fixed, which the
+            model's ``AlternatingFlip`` layer reverses on odd epochs (build the
+            model with ``alternating_flip=True``); False for none.
         randaugment: ``{"num_ops", "factor"}`` for Keras's RandAugment, or None.
         mixup_alpha: MixUp's alpha; 0 turns it off.
         cutmix_alpha: CutMix's factor; 0 turns it off.
@@ -240,7 +272,9 @@ def make_datasets(
     per_batch = augment.batch_fn(
         randaugment=randaugment, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, seed=seed
     )
-    crop_flip = augment.crop_flip_fn(image_shape[0], crop_padding, flip)
+    if flip not in (True, False, "alternating"):
+        raise PipelineError(f"augment.flip must be true, false or alternating, got {flip!r}")
+    crop_flip = augment.crop_flip_fn(image_shape[0], crop_padding, flip is True, pad_mode=pad_mode)
 
     def augmented(images, size):
         ds = images.batch(size)
@@ -249,7 +283,8 @@ def make_datasets(
         ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
         return ds if per_batch is None else ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
 
-    shuffled = train_images.shuffle(min(source.train.count, SHUFFLE_BUFFER), seed=seed)
+    pool = augment.fixed_flip(train_images, seed) if flip == "alternating" else train_images
+    shuffled = pool.shuffle(shuffle_buffer(source.train.count, image_shape), seed=seed)
     train = augmented(shuffled, batch_size)
 
     def evaluation(split):
@@ -264,7 +299,7 @@ def make_datasets(
         train=shard_by_batch(train.prefetch(tf.data.AUTOTUNE)),
         first_batch=shard_by_batch(train_images.take(batch_size).batch(batch_size).map(finish)),
         preview=augmented(train_images.take(PREVIEW_IMAGES), PREVIEW_IMAGES),
-        val=shard_by_batch(evaluation(source.val)),
+        val=shard_by_batch(evaluation(source.val)) if source.val.count else None,
         test=shard_by_batch(evaluation(source.test)),
         source=source,
         image_shape=image_shape,
@@ -272,4 +307,5 @@ def make_datasets(
         mean=[float(m) for m in stats["mean"]],
         std=[float(s) for s in stats["std"]],
         stats=stats,
+        train_images=train_images,
     )

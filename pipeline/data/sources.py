@@ -180,7 +180,7 @@ def _file_split(files: list[tuple[str, int, bool]], root: Path, size: int, mode:
     paths = [f for f, _, _ in files]
     labels = np.array([label for _, label, _ in files], dtype=np.int32)
     use_pil = np.array([pil for _, _, pil in files], dtype=bool)
-    ds = tf.data.Dataset.from_tensor_slices((paths, labels, use_pil)).map(
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels, use_pil)).map(
         lambda p, y, pil: _decode_file(p, y, pil, size, mode),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
@@ -297,7 +297,7 @@ def load_folder(
     for result in scans.values():
         scan.check_bad_fraction(result, max_bad_fraction)
     for name in ("train", "val", "test"):
-        if not splits[name]:
+        if not splits[name] and not (name == "val" and val_fraction == 0 and not val_path):
             raise PipelineError(
                 f"the {name} split of {str(root)!r} is empty: add images, or set "
                 f"data.{name}_fraction / data.{name}_path."

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import keras
 import numpy as np
 
-from pipeline.models.layers import ImagenetPreprocess
+from pipeline.models.layers import AlternatingFlip, ImagenetPreprocess, PatchWhitening
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +86,8 @@ def build(
     std: Sequence[float] | None = None,
     pretrained: str | None = None,
     weights: str | os.PathLike | None = None,
+    adapt_images: np.ndarray | None = None,
+    alternating_flip: bool = False,
     **kwargs,
 ) -> keras.Model:
     """Builds the model the trainer uses: raw pixels -> preprocessing -> network -> logits.
@@ -102,6 +104,13 @@ def build(
         weights: Path to a local `.weights.h5` or `.keras` file to fine-tune from.
             Layers whose shapes differ (e.g. a head for another number of classes)
             are skipped with a logged warning.
+        adapt_images: raw training images (``[N, H, W, C]``, 0..255) that set the
+            network's data-dependent layers (``PatchWhitening``), a few thousand;
+            None leaves them at their initial values (fine when weights are
+            loaded afterwards).
+        alternating_flip: put an ``AlternatingFlip`` layer in front, which
+            mirrors training batches on odd epochs (with
+            ``pipeline.callbacks.AlternatingFlipEpochs``); the identity at inference.
         **kwargs: Passed to the builder (e.g. `norm="sync"` for "cnn").
 
     Returns:
@@ -128,8 +137,11 @@ def build(
 
     backbone = builder(num_classes, input_shape, **kwargs)
     inputs = keras.Input(shape=input_shape, name="pixels")
-    x = _preprocessing(inputs, backbone, pretrained, mean, std)
+    x = AlternatingFlip(name="alternating_flip")(inputs) if alternating_flip else inputs
+    x = _preprocessing(x, backbone, pretrained, mean, std)
     model = keras.Model(inputs, backbone(x), name=arch)
+    if adapt_images is not None:
+        _adapt(backbone, keras.Model(inputs, x), adapt_images)
     if weights is not None:
         _load_weights(model, weights)
     return model
@@ -241,6 +253,17 @@ def _load_weights(model: keras.Model, path: str) -> None:
     logger.info("Loaded weights from %s", path)
 
 
+def _adapt(backbone: keras.Model, preprocess: keras.Model, images: np.ndarray) -> None:
+    """Sets each ``PatchWhitening`` layer from what the raw ``images`` become at its input."""
+    layers = [layer for layer in backbone.layers if isinstance(layer, PatchWhitening)]
+    if not layers:
+        return
+    features = preprocess.predict(np.asarray(images, "float32"), batch_size=500, verbose=0)
+    for layer in layers:
+        upstream = keras.Model(backbone.input, layer.input)
+        layer.adapt(upstream.predict(features, batch_size=500, verbose=0))
+
+
 # Saved models carry their optimizer and its learning-rate schedule: registering
 # the schedule here lets `keras.saving.load_model` read any `model.keras` of ours
 # once `pipeline.models` is imported.
@@ -249,10 +272,17 @@ from pipeline import schedules  # noqa: E402, F401
 # Importing the families registers their models; they need `register_model` above.
 from pipeline.models import (  # noqa: E402, F401, I001
     cnn,
+    fastnet,
     inception,
     keras_app,
     resnet_cifar,
     resnet_imagenet,
 )
 
-__all__ = ["ImagenetPreprocess", "build", "get_model", "list_models", "register_model"]
+__all__ = [
+    "ImagenetPreprocess",
+    "build",
+    "get_model",
+    "list_models",
+    "register_model",
+]

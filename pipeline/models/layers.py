@@ -110,3 +110,169 @@ class BatchNorm(keras.layers.BatchNormalization):
                 is_training=False,
             )
         return ops.cast(outputs, self.compute_dtype)
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class PartialIdentity(keras.initializers.Initializer):
+    """Conv kernels whose first ``in_channels`` filters pass their input channel through.
+
+    The records' ``dirac_`` init (airbench): filter ``o < in_channels`` is a
+    unit impulse at the kernel's center on input channel ``o``, so a fresh
+    network starts close to a stack of identities; the other filters come from
+    ``base``.
+
+    Args:
+        base: initializer of the remaining filters.
+    """
+
+    def __init__(self, base="glorot_uniform"):
+        self.base = keras.initializers.get(base)
+
+    def __call__(self, shape, dtype=None):
+        kernel = self.base(shape, dtype=dtype)
+        kh, kw, cin, cout = shape
+        eye = ops.reshape(ops.eye(cin, cout, dtype=kernel.dtype), (1, 1, cin, cout))
+        dirac = ops.pad(
+            eye, [[kh // 2, kh - 1 - kh // 2], [kw // 2, kw - 1 - kw // 2], [0, 0], [0, 0]]
+        )
+        n = min(cin, cout)
+        keep = ops.concatenate([ops.zeros((n,), kernel.dtype), ops.ones((cout - n,), kernel.dtype)])
+        return kernel * keep + dirac
+
+    def get_config(self):
+        return {"base": keras.initializers.serialize(self.base)}
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class PatchWhitening(keras.layers.Layer):
+    """A valid ``k x k`` convolution whose frozen filters whiten the image's patches.
+
+    ``adapt(images)`` sets the ``2 * k * k * channels`` filters to the
+    eigenvectors of the (uncentered) covariance of all ``k x k`` patches of
+    ``images``, each divided by the square root of its eigenvalue (plus
+    ``epsilon``) and followed by its negative, largest eigenvalue first
+    (Jordan 2024, airbench94). The filters never train; the bias does.
+
+    Args:
+        kernel_size: patch side in pixels (2 in the records).
+        epsilon: added to the eigenvalues before the square root.
+        **kwargs: Passed to `keras.layers.Layer`.
+    """
+
+    def __init__(self, kernel_size: int = 2, epsilon: float = 5e-4, **kwargs):
+        if not isinstance(kernel_size, int) or kernel_size < 1:
+            raise ValueError(f"kernel_size must be an int >= 1, got {kernel_size!r}")
+        super().__init__(**kwargs)
+        self.kernel_size = kernel_size
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        k, channels = self.kernel_size, input_shape[-1]
+        self.filters = 2 * k * k * channels
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(k, k, channels, self.filters),
+            initializer="he_uniform",  # until adapt() sets it from data
+            trainable=False,
+        )
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+
+    def call(self, inputs):
+        return ops.conv(inputs, self.kernel, padding="valid") + self.bias
+
+    def compute_output_shape(self, input_shape):
+        n, h, w, _ = input_shape
+        k = self.kernel_size
+        return (n, None if h is None else h - k + 1, None if w is None else w - k + 1, self.filters)
+
+    def adapt(self, images) -> None:
+        """Sets the filters from ``[N, H, W, C]`` images, preprocessed as this layer's inputs."""
+        import numpy as np
+
+        images = np.asarray(images, dtype="float32")
+        if not self.built:
+            self.build(images.shape)
+        k = self.kernel_size
+        covariance = np.zeros((k * k * images.shape[-1],) * 2)
+        count = 0
+        for start in range(0, len(images), 500):  # bounded memory: ~60 MB of patches a chunk
+            windows = np.lib.stride_tricks.sliding_window_view(
+                images[start : start + 500], (k, k), axis=(1, 2)
+            )  # [n, H-k+1, W-k+1, C, k, k]
+            patches = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, covariance.shape[0])
+            covariance += patches.T.astype("float64") @ patches.astype("float64")
+            count += len(patches)
+        eigenvalues, eigenvectors = np.linalg.eigh(covariance / max(count, 1))
+        order = np.argsort(eigenvalues)[::-1]
+        scaled = eigenvectors[:, order] / np.sqrt(eigenvalues[order] + self.epsilon)
+        filters = np.concatenate([scaled, -scaled], axis=1)  # [k*k*C, 2*k*k*C]
+        self.kernel.assign(filters.reshape(self.kernel.shape).astype("float32"))
+
+    def get_config(self):
+        return {**super().get_config(), "kernel_size": self.kernel_size, "epsilon": self.epsilon}
+
+
+@keras.saving.register_keras_serializable(package="pipeline")
+class AlternatingFlip(keras.layers.Layer):
+    """Mirrors the whole training batch on odd epochs; the identity at inference.
+
+    With each image flipped once at random in the input pipeline (a fixed coin
+    per image), this gives the records' "alternating flip" (Jordan 2024): every
+    image is seen mirrored on every other epoch instead of on a fresh coin
+    each epoch. The epoch's parity lives in a non-trainable variable that
+    :class:`pipeline.callbacks.AlternatingFlipEpochs` sets when an epoch begins,
+    so it is read at the training step itself, whatever the input pipeline
+    prefetched. The variable is training state, not a weight: it is not
+    written to weight files, so a model rebuilt without this layer (for
+    evaluation) loads them.
+    """
+
+    def build(self, input_shape):
+        self.mirror = self.add_weight(
+            name="mirror", shape=(), initializer="zeros", trainable=False, dtype="float32"
+        )
+
+    def call(self, inputs, training=None):
+        if not training:
+            return inputs
+        mirrored = ops.flip(inputs, axis=2)
+        return ops.where(ops.cast(self.mirror, "bool"), mirrored, inputs)
+
+    def save_own_variables(self, store):
+        pass
+
+    def load_own_variables(self, store):
+        pass
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+class TestTimeAugmentation(keras.layers.Layer):
+    """Wraps a logits model: the weighted mean of its logits over the TTA views.
+
+    Args:
+        model: a Keras model taking ``[N, H, W, C]`` images to logits (height
+            and width known).
+        mode: one of ``pipeline.tta.TTA_MODES``.
+        **kwargs: Passed to `keras.layers.Layer`.
+    """
+
+    def __init__(self, model: keras.Model, mode: str, **kwargs):
+        from pipeline import tta
+
+        super().__init__(**kwargs)
+        self.model = model
+        self.mode = tta.check_mode(mode)
+
+    def call(self, images):
+        from pipeline import tta
+
+        logits = None
+        for weight, view in tta.views(images, self.mode):
+            term = ops.cast(self.model(view, training=False), "float32") * weight
+            logits = term if logits is None else logits + term
+        return logits
+
+    def compute_output_shape(self, input_shape):
+        return self.model.compute_output_shape(input_shape)
