@@ -63,5 +63,6 @@ def with_tta(model, mode: str):
     if check_mode(mode) == "none":
         return model
     inputs = keras.Input(shape=model.input_shape[1:], name="pixels")
-    outputs = TestTimeAugmentation(model, mode, name=f"tta_{mode}")(inputs)
+    layer = TestTimeAugmentation(model, lambda images: views(images, mode), name=f"tta_{mode}")
+    outputs = layer(inputs)
     return keras.Model(inputs, outputs, name=f"{model.name}_tta")

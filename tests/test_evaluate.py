@@ -11,9 +11,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO, compose, write_image_folder
+from conftest import REPO, compose, run_test_split, write_image_folder
 from pipeline.callbacks import SUMMARY_TAG, ConfusionMatrixLogger
-from pipeline.data.sources import resize_image
 from pipeline.errors import PipelineError
 from pipeline.evaluate import classification_metrics, evaluate, expected_calibration_error
 from pipeline.train import train
@@ -85,16 +84,9 @@ def test_report_has_every_metric_and_the_pngs(tiny_run, last_report):
 
 def test_metrics_equal_a_numpy_recomputation(tiny_run, last_report):
     run_dir, folder = tiny_run
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    names = manifest["data"]["class_names"]
-    images, labels = [], []
-    for rel in manifest["data"]["splits"]["test"]:
-        raw = tf.io.decode_image(tf.io.read_file(str(folder / rel)), 3, expand_animations=False)
-        images.append(resize_image(raw, 16, "crop").numpy())
-        labels.append(names.index(rel.split("/")[0]))
-    labels = np.array(labels)
+    images, labels = run_test_split(run_dir, folder, 16)
     model = keras.saving.load_model(run_dir / "model.keras")  # the last epoch's weights
-    logits = model.predict(np.stack(images).astype("float32"), verbose=0).astype("float64")
+    logits = model.predict(images, verbose=0).astype("float64")
     probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     predicted = probs.argmax(1)
     assert last_report["accuracy"] == pytest.approx(np.mean(predicted == labels), abs=1e-12)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import compose, write_image_folder
+from conftest import compose, run_test_split, write_image_folder
 from pipeline import callbacks, models, optimizers, tta
 from pipeline.data import augment
 from pipeline.data.sources import load_folder
@@ -265,19 +265,8 @@ def test_recipe_trains_without_a_validation_split(recipe_run):
 
 def test_recipe_test_metrics_are_the_tta_ones_of_the_final_model(recipe_run):
     run_dir, metrics, folder = recipe_run
-    from PIL import Image
-
-    from pipeline.data.sources import resize_image
-
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    names = manifest["data"]["class_names"]
-    images, labels = [], []
-    for rel in manifest["data"]["splits"]["test"]:
-        img = np.asarray(Image.open(folder / rel).convert("RGB"))
-        images.append(resize_image(img, 32, "crop").numpy())
-        labels.append(names.index(rel.split("/")[0]))
+    x, labels = run_test_split(run_dir, folder, 32)
     model = keras.saving.load_model(run_dir / "model.keras")
-    x = np.stack(images).astype("float32")
     logits = tta.with_tta(model, "flip_translate").predict(x, verbose=0)
     plain = model.predict(x, verbose=0)
     assert metrics["test_accuracy"] == pytest.approx(np.mean(logits.argmax(1) == labels))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, compose, write_image_folder
+from conftest import REPO, compose, run_test_split, write_image_folder
 from pipeline.data.sources import resize_image
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate, load_run
@@ -143,14 +143,7 @@ def test_evaluate_with_flip_scores_the_tta_logits(tiny_run, final_model, tmp_pat
     report = evaluate(run_dir, checkpoint="final", tta="flip", out_dir=tmp_path)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["tta"] == "flip" and saved["accuracy"] == report["accuracy"]
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    names = manifest["data"]["class_names"]
-    images, labels = [], []
-    for rel in manifest["data"]["splits"]["test"]:
-        raw = tf.io.decode_image(tf.io.read_file(str(folder / rel)), 3, expand_animations=False)
-        images.append(resize_image(raw, 16, "crop").numpy())
-        labels.append(names.index(rel.split("/")[0]))
-    x, labels = np.stack(images).astype("float32"), np.array(labels)
+    x, labels = run_test_split(run_dir, folder, 16)
     probs = _softmax(_logits(with_tta(final_model, "flip"), x))
     assert saved["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == labels), abs=1e-12)
     loss = -np.log(probs[np.arange(len(labels)), labels]).mean()

@@ -254,22 +254,19 @@ class TestTimeAugmentation(keras.layers.Layer):
     Args:
         model: a Keras model taking ``[N, H, W, C]`` images to logits (height
             and width known).
-        mode: one of ``pipeline.tta.TTA_MODES``.
+        views: ``views(images) -> [(weight, view), ...]``, weights adding to 1
+            (``pipeline.tta.with_tta`` passes its mode's).
         **kwargs: Passed to `keras.layers.Layer`.
     """
 
-    def __init__(self, model: keras.Model, mode: str, **kwargs):
-        from pipeline import tta
-
+    def __init__(self, model: keras.Model, views, **kwargs):
         super().__init__(**kwargs)
         self.model = model
-        self.mode = tta.check_mode(mode)
+        self.views = views
 
     def call(self, images):
-        from pipeline import tta
-
         logits = None
-        for weight, view in tta.views(images, self.mode):
+        for weight, view in self.views(images):
             term = ops.cast(self.model(view, training=False), "float32") * weight
             logits = term if logits is None else logits + term
         return logits
