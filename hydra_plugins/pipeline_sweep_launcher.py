@@ -1,7 +1,7 @@
 """The joblib launcher of ``launcher=joblib``, made to survive a job whose process is killed.
 
 Hydra loads launchers only from the ``hydra_plugins`` package, hence this
-module; the work is in :func:`pipeline.sweep.relaunch_unfinished`.
+module; the work is in :func:`pipeline.runs.sweep.relaunch_unfinished`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from concurrent.futures.process import BrokenProcessPool
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 
-from pipeline import sweep
+from pipeline.runs import sweep
 
 
 class SurvivingJoblibLauncher(JoblibLauncher):

@@ -16,7 +16,7 @@ The ratios say where the time goes: ``end_to_end/synthetic`` below 1 means
 steps wait for input; ``end_to_end/keras_fit`` compares our pipeline with
 plain Keras; ``pipeline/synthetic`` says how many times faster the input runs
 than training consumes it. The model and optimizer are built as training
-builds them (``trainer.build_compiled``, pre-flight off). The channel
+builds them (``pipeline.training.loop.build_compiled``, pre-flight off). The channel
 statistics pass fills the training set's in-memory cache before any window,
 so every number is the steady state of epochs after the first.
 
@@ -37,18 +37,19 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import runinfo
-from pipeline.errors import PipelineError, user_errors
-from pipeline.train import (
+from pipeline.config import (
     CONF_DIR,
     check_config,
     class_weights_for,
-    data_options,
     model_factories,
+    optimizer_factory,
     prepare_run_dir,
     select_backend,
     setup_training,
 )
+from pipeline.errors import PipelineError, user_errors
+from pipeline.runs import manifest
+from pipeline.training import devices as devices_mod
 
 log = logging.getLogger("pipeline.bench")
 
@@ -113,29 +114,19 @@ def bench(cfg: DictConfig, run_dir=None) -> dict:
     strategy, plan, devices = _setup(cfg)
     bundle, prepare_s = _load_bundle(cfg)
     model = _build_model(cfg, bundle, strategy, plan)
-    timing = {
-        "warmup_steps": int(cfg.bench.warmup_steps),
-        "steps": int(cfg.bench.steps),
-        "windows": int(cfg.bench.windows),
-    }
+    timing = _timing(cfg.bench)
     which = [m for m in MEASUREMENTS if m in cfg.bench.which]
     weights = class_weights_for(cfg, bundle)
     spe = cfg.trainer.steps_per_execution
     windows = _measure_all(which, model, bundle, timing, weights, plan, spe)
-    result = summarize(windows)
-    result.update(
-        plan={
-            "strategy": plan.strategy,
-            "num_replicas": int(strategy.num_replicas_in_sync),
-            "precision": plan.precision,
-            "jit_compile": plan.jit_compile,
-            "reasons": plan.reasons,
-            "gpus": len(devices.gpus),
-        },
+    return _finish(
+        run_dir,
+        windows,
+        plan={**_plan_facts(plan, strategy), "gpus": len(devices.gpus)},
         settings={
             **timing,
             "batch_size": bundle.batch_size,
-            "steps_per_execution": int(cfg.trainer.steps_per_execution),
+            "steps_per_execution": int(spe),
             "model": cfg.model.arch,
             "keras_fit_images": _in_memory_count(bundle) if "keras_fit" in which else None,
         },
@@ -148,8 +139,30 @@ def bench(cfg: DictConfig, run_dir=None) -> dict:
             "prepare_s": prepare_s,
         },
     )
+
+
+def _timing(bench_cfg: DictConfig) -> dict:
+    """``warmup_steps``, ``steps`` and ``windows`` of ``bench.*``, as ints."""
+    return {key: int(bench_cfg[key]) for key in ("warmup_steps", "steps", "windows")}
+
+
+def _plan_facts(plan, strategy) -> dict:
+    """What bench.json records of the plan that ran."""
+    return {
+        "strategy": plan.strategy,
+        "num_replicas": int(strategy.num_replicas_in_sync),
+        "precision": plan.precision,
+        "jit_compile": plan.jit_compile,
+        "reasons": plan.reasons,
+    }
+
+
+def _finish(run_dir, windows: dict, *, plan: dict, settings: dict, data: dict) -> dict:
+    """The summary of ``windows`` with what was measured; written to bench.json and printed."""
+    result = summarize(windows)
+    result.update(plan=plan, settings=settings, data=data)
     out = Path(run_dir) / "bench.json"
-    runinfo.write_json(out, result)
+    manifest.write_json(out, result)
     print(format_table(result))
     print(f"bench.json: {out}", flush=True)
     return result
@@ -159,51 +172,119 @@ def _bench_jax_synthetic(cfg: DictConfig, run_dir) -> dict:
     """``backend=jax`` on random images: Keras-JAX on NumPy batches, no TensorFlow imported.
 
     Runs ``synthetic`` (one batch repeated) and ``keras_fit`` (the random set cycled);
-    ``pipeline`` and ``end_to_end`` need tf.data and are skipped.
+    ``pipeline`` and ``end_to_end`` need tf.data and are skipped. Strategy,
+    precision and XLA are planned by ``pipeline.training.devices.plan``, as in training.
     """
-    import jax
-    import keras
+    b, batch = cfg.bench, int(cfg.data.batch_size)
+    x, y = _random_images(cfg)
+    devices, plan, strategy = _jax_setup(cfg)
+    model = _jax_model(cfg, x, plan)
+    timing = _timing(b)
+    in_memory = [(x[i : i + batch], y[i : i + batch]) for i in range(0, len(x) - batch + 1, batch)]
+    batches = {  # generators: Keras-JAX takes them as they are (arrays would need steps math)
+        "synthetic": lambda: (pair for pair in itertools.repeat((x[:batch], y[:batch]))),
+        "keras_fit": lambda: (pair for pair in itertools.cycle(in_memory)),
+    }
+    windows = {}
+    for name in [m for m in MEASUREMENTS if m in b.which]:
+        if name not in batches:
+            print(f"{name}: skipped (needs tf.data; backend=jax with synthetic data)", flush=True)
+            continue
+        windows[name] = measure_fit(model, batches[name](), **timing, batch_size=batch, label=name)
+    return _finish(
+        run_dir,
+        windows,
+        plan={
+            "backend": "jax",
+            **_plan_facts(plan, strategy),
+            "reasons": [*plan.reasons, "TensorFlow not imported"],
+            "gpus": len(devices.gpus),
+        },
+        settings={
+            **timing,
+            "batch_size": batch,
+            "steps_per_execution": int(cfg.trainer.steps_per_execution),
+            "model": cfg.model.arch,
+            "keras_fit_images": len(x) if "keras_fit" in windows else None,
+        },
+        data={
+            "source": "synthetic",
+            "image_shape": list(x.shape[1:]),
+            "num_classes": int(b.synthetic_classes),
+            "train_images": len(x),
+            "steps_per_epoch": len(x) // batch,
+            "prepare_s": 0.0,
+        },
+    )
 
-    from pipeline import models
-    from pipeline.train import _optimizer_factory
 
-    b, seed = cfg.bench, int(cfg.seed)
-    size, batch, count = int(cfg.data.image_size), int(cfg.data.batch_size), int(b.synthetic_images)
+def _random_images(cfg: DictConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``bench.synthetic_images`` random 0..255 images and one-hot labels, seeded by ``seed``.
+
+    Raises:
+        PipelineError: fewer images than one batch.
+    """
+    b, batch = cfg.bench, int(cfg.data.batch_size)
+    size, count = int(cfg.data.image_size), int(b.synthetic_images)
     if count < batch:
         raise PipelineError(
             f"bench.synthetic_images must be >= data.batch_size ({batch}), got {count}"
         )
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(int(cfg.seed))
     x = rng.integers(0, 256, (count, size, size, 3)).astype("float32")
     y = np.eye(int(b.synthetic_classes), dtype="float32")[
         rng.integers(0, b.synthetic_classes, count)
     ]
-    gpus = [d for d in jax.local_devices() if d.platform == "gpu"]
-    n_devices = len(jax.local_devices())
-    precision = cfg.trainer.precision
-    if precision == "auto":
-        precision = "mixed_bfloat16" if gpus else "float32"
-    jit = True if cfg.trainer.jit_compile == "auto" else bool(cfg.trainer.jit_compile)
-    strategy = "jax_data_parallel" if n_devices > 1 else "jax_single"
-    keras.mixed_precision.set_global_policy(precision)
-    seed_without_tensorflow(seed)  # Keras's own would import TensorFlow where installed
-    if n_devices > 1:
-        keras.distribution.set_distribution(keras.distribution.DataParallel())
-    model_kwargs = OmegaConf.to_container(cfg.model, resolve=True)
-    arch = model_kwargs.pop("arch")
+    return x, y
+
+
+def _jax_setup(cfg: DictConfig):
+    """JAX's devices, the plan for them (``devices.plan``), the precision policy, seeds, strategy.
+
+    Returns:
+        ``(devices, plan, strategy)``; the strategy is a ``devices.JaxStrategy``.
+
+    Raises:
+        PipelineError: a choice that cannot work under JAX (``trainer.strategy=multi_worker``).
+    """
+    import keras
+
+    t = cfg.trainer
+    devices = devices_mod.jax_devices()
+    plan = devices_mod.plan(
+        strategy=t.strategy,
+        precision=t.precision,
+        jit_compile=t.jit_compile,
+        devices=devices,
+        backend="jax",
+        deterministic=bool(t.deterministic),
+    )
+    keras.mixed_precision.set_global_policy(plan.precision)
+    seed_without_tensorflow(int(cfg.seed))  # Keras's own would import TensorFlow where installed
+    strategy = devices_mod.make_strategy(plan.strategy, devices)  # sets keras.distribution
+    return devices, plan, strategy
+
+
+def _jax_model(cfg: DictConfig, x: np.ndarray, plan):
+    """The model for the random images ``x``: cross-entropy (label smoothing), accuracy.
+
+    Raises:
+        PipelineError: a bad ``model`` section.
+    """
+    import keras
+
+    from pipeline import models
+
+    batch, count = int(cfg.data.batch_size), len(x)
     pixels = x.reshape(-1, 3) / 255.0
-    try:
-        model = models.build(
-            arch,
-            num_classes=int(b.synthetic_classes),
-            input_shape=(size, size, 3),
-            mean=pixels.mean(0).tolist(),
-            std=pixels.std(0).tolist(),
-            **model_kwargs,
-        )
-    except (ValueError, TypeError) as err:
-        raise PipelineError(f"model={arch}: {err}") from err
-    build_optimizer, _ = _optimizer_factory(
+    model = models.build_from_config(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        num_classes=int(cfg.bench.synthetic_classes),
+        input_shape=x.shape[1:],
+        mean=pixels.mean(0).tolist(),
+        std=pixels.std(0).tolist(),
+    )
+    build_optimizer, _ = optimizer_factory(
         cfg.optimizer,
         schedule_cfg=cfg.schedule,
         global_batch=batch,
@@ -216,54 +297,15 @@ def _bench_jax_synthetic(cfg: DictConfig, run_dir) -> dict:
             from_logits=True, label_smoothing=float(cfg.trainer.label_smoothing)
         ),
         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-        jit_compile=jit,
+        jit_compile=plan.jit_compile,
         steps_per_execution=int(cfg.trainer.steps_per_execution),
     )
-    print(f"Building model={arch} (JAX {strategy}, {precision}, XLA {jit})", flush=True)
-    timing = {"warmup_steps": int(b.warmup_steps), "steps": int(b.steps), "windows": int(b.windows)}
-    in_memory = [(x[i : i + batch], y[i : i + batch]) for i in range(0, count - batch + 1, batch)]
-    batches = {  # generators: Keras-JAX takes them as they are (arrays would need steps math)
-        "synthetic": lambda: (pair for pair in itertools.repeat((x[:batch], y[:batch]))),
-        "keras_fit": lambda: (pair for pair in itertools.cycle(in_memory)),
-    }
-    windows = {}
-    for name in [m for m in MEASUREMENTS if m in b.which]:
-        if name not in batches:
-            print(f"{name}: skipped (needs tf.data; backend=jax with synthetic data)", flush=True)
-            continue
-        windows[name] = measure_fit(model, batches[name](), **timing, batch_size=batch, label=name)
-    result = summarize(windows)
-    result.update(
-        plan={
-            "backend": "jax",
-            "strategy": strategy,
-            "num_replicas": n_devices if n_devices > 1 else 1,
-            "precision": precision,
-            "jit_compile": jit,
-            "reasons": [f"JAX, {n_devices} local device(s), TensorFlow not imported"],
-            "gpus": len(gpus),
-        },
-        settings={
-            **timing,
-            "batch_size": batch,
-            "steps_per_execution": int(cfg.trainer.steps_per_execution),
-            "model": arch,
-            "keras_fit_images": count if "keras_fit" in windows else None,
-        },
-        data={
-            "source": "synthetic",
-            "image_shape": [size, size, 3],
-            "num_classes": int(b.synthetic_classes),
-            "train_images": count,
-            "steps_per_epoch": count // batch,
-            "prepare_s": 0.0,
-        },
+    print(
+        f"Building model={cfg.model.arch} (JAX {plan.strategy}, {plan.precision}, "
+        f"XLA {plan.jit_compile})",
+        flush=True,
     )
-    out = Path(run_dir) / "bench.json"
-    runinfo.write_json(out, result)
-    print(format_table(result))
-    print(f"bench.json: {out}", flush=True)
-    return result
+    return model
 
 
 def seed_without_tensorflow(seed: int) -> None:
@@ -296,19 +338,21 @@ def _load_bundle(cfg: DictConfig):
     that every window measures the steady state of the epochs after the first.
     """
     from pipeline import data
+    from pipeline.data.sources import source_options
 
     started = time.perf_counter()
     b = cfg.bench
     if b.synthetic_data:
-        source = synthetic_source(
+        source = data.load_source(
+            "synthetic",
             image_size=cfg.data.image_size,
+            seed=cfg.seed,
             num_classes=b.synthetic_classes,
             count=b.synthetic_images,
-            seed=cfg.seed,
         )
     else:
         print(f"Loading data.source={cfg.data.source} ...", flush=True)
-        options = data_options(cfg.data)
+        options = source_options(cfg.data)
         source = data.load_source(
             cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **options
         )
@@ -331,7 +375,7 @@ def _load_bundle(cfg: DictConfig):
 
 def _build_model(cfg: DictConfig, bundle, strategy, plan):
     """The compiled model, built as ``pipeline.train`` builds it, without the pre-flight step."""
-    from pipeline import trainer
+    from pipeline.training import loop
 
     build_model, build_optimizer, _ = model_factories(cfg, bundle)
     arch = cfg.model.arch
@@ -339,7 +383,7 @@ def _build_model(cfg: DictConfig, bundle, strategy, plan):
         f"Building model={arch} ({plan.strategy}, {plan.precision}, XLA {plan.jit_compile})",
         flush=True,
     )
-    model, _ = trainer.build_compiled(
+    model, _ = loop.build_compiled(
         strategy=strategy,
         plan=plan,
         build_model=build_model,
@@ -363,7 +407,7 @@ def _measure_all(which, model, bundle, timing: dict, weights, plan, steps_per_ex
     """
     import tensorflow as tf
 
-    from pipeline import trainer
+    from pipeline.training import loop
 
     try:
         return {name: _measure(name, model, bundle, timing, weights) for name in which}
@@ -371,7 +415,7 @@ def _measure_all(which, model, bundle, timing: dict, weights, plan, steps_per_ex
         raise PipelineError(
             f"the training step failed with strategy={plan.strategy}, precision={plan.precision}, "
             f"jit_compile={plan.jit_compile}, steps_per_execution="
-            f"{steps_per_execution} ({trainer._short(err)}). The bench tries no "
+            f"{steps_per_execution} ({loop._short(err)}). The bench tries no "
             "fallback: set what training fell back to (its metrics.json lists the fallbacks), "
             "e.g. trainer.jit_compile=false, trainer.precision=float32 or "
             "trainer.steps_per_execution=1."
@@ -397,40 +441,6 @@ def _measure(name: str, model, bundle, timing: dict, class_weight: dict | None) 
         count=count,
         class_weight=class_weight,
         **timing,
-    )
-
-
-def synthetic_source(*, image_size: int, num_classes: int, count: int, seed: int):
-    """A ``Source`` of random uint8 images held in memory (``bench.synthetic_data``).
-
-    Args:
-        image_size: height and width in pixels.
-        num_classes: classes, drawn uniformly.
-        count: training images; val and test hold the first 64 of them.
-        seed: NumPy seed.
-
-    Returns:
-        A ``pipeline.data.sources.Source`` named ``synthetic``.
-    """
-    import tensorflow as tf
-
-    from pipeline.data.sources import Source, Split
-
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (count, image_size, image_size, 3), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, count).astype(np.int32)
-
-    def split(n):
-        ds = tf.data.Dataset.from_tensor_slices((images[:n], labels[:n]))
-        return Split(images=ds, count=n, members=list(range(n)))
-
-    return Source(
-        name="synthetic",
-        train=split(count),
-        val=split(min(count, 64)),
-        test=split(min(count, 64)),
-        class_names=[f"class_{i}" for i in range(num_classes)],
-        fingerprint=f"synthetic-{image_size}-{num_classes}-{count}-{seed}",
     )
 
 

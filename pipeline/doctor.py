@@ -3,13 +3,13 @@
 Prints the versions that matter, whether this TensorFlow was built with CUDA,
 the GPUs TensorFlow and ``nvidia-smi`` see, and what ``trainer.strategy``,
 ``trainer.precision`` and ``trainer.jit_compile`` resolve to here (through
-``pipeline.trainer.plan``, the same code training uses). Then it names the
+``pipeline.training.devices.plan``, the same code training and the benchmark use). Then it names the
 common reasons a GPU goes unused, each with its fix, and exits non-zero when
 one of them stands in the way. ``--json`` prints the same report for scripts.
 
 ``report()`` only imports TensorFlow and lists physical devices: it sets up no
 logical device and no seed, so training can call it before or after
-``trainer.setup_devices``.
+``setup_devices``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.training.devices import PRECISIONS, STRATEGIES, Devices, plan
+
 NVIDIA_SMI_FIELDS = ("name", "driver_version", "memory.total", "compute_cap")
 NVIDIA_SMI_TIMEOUT_S = 10
 CUDA_INSTALL = 'pip install -e ".[cuda]"'
@@ -41,9 +43,6 @@ CUDA_MATH_SONAMES = {
 # Below these compute capabilities a precision runs without tensor-core support.
 MIN_CAPABILITY = {"mixed_bfloat16": (8, 0), "mixed_float16": (7, 0)}
 PLAN_KEYS = ("strategy", "precision", "jit_compile")
-# trainer.STRATEGIES and trainer.PRECISIONS, spelt out: importing trainer loads TensorFlow.
-STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device", "default")
-PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 
 
 def _dist_version(name: str) -> str | None:
@@ -235,11 +234,14 @@ def _tf_config() -> dict | None:
         return {"task_type": None, "task_index": None, "workers": 0, "error": str(err)}
 
 
-def _plan(trainer, tf_gpus: list[dict], *, strategy, precision, jit_compile) -> dict:
+def _plan(tf_gpus: list[dict], *, strategy, precision, jit_compile, deterministic) -> dict:
     """Each of strategy, precision and jit_compile: requested, resolved, and why."""
-    devices = trainer.Devices(gpus=tf_gpus, cpus=[])
-    resolved = trainer.plan(
-        strategy=strategy, precision=precision, jit_compile=jit_compile, devices=devices
+    resolved = plan(
+        strategy=strategy,
+        precision=precision,
+        jit_compile=jit_compile,
+        devices=Devices(gpus=tf_gpus, cpus=[]),
+        deterministic=deterministic,
     )
     requested = {"strategy": strategy, "precision": precision, "jit_compile": jit_compile}
     result = {}
@@ -255,13 +257,16 @@ def _plan(trainer, tf_gpus: list[dict], *, strategy, precision, jit_compile) -> 
     return result
 
 
-def report(*, strategy: str = "auto", precision: str = "auto", jit_compile="auto") -> dict:
+def report(
+    *, strategy: str = "auto", precision: str = "auto", jit_compile="auto", deterministic=False
+) -> dict:
     """Everything the doctor knows about this machine, and what stands in the way.
 
     Args:
         strategy: ``trainer.strategy`` to check (``auto`` or a strategy name).
         precision: ``trainer.precision`` to check.
         jit_compile: ``trainer.jit_compile`` to check: ``"auto"``, True or False.
+        deterministic: ``trainer.deterministic`` (it keeps ``auto`` XLA off).
 
     Returns:
         A JSON-serializable dict: ``versions``, ``keras_backend``,
@@ -278,20 +283,12 @@ def report(*, strategy: str = "auto", precision: str = "auto", jit_compile="auto
     import keras
     import tensorflow as tf
 
-    from pipeline import trainer
-
     cuda_visible_devices = os.environ.get("CUDA_VISIBLE_DEVICES")
     smi = nvidia_smi()
     gpus = _tf_gpus(tf, smi["gpus"])
     cuda_build = _cuda_build(tf)
     facts = {
-        "versions": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "tensorflow_datasets": _dist_version("tensorflow-datasets"),
-            "hydra": _dist_version("hydra-core"),
-        },
+        "versions": _versions(tf, keras),
         "keras_backend": keras.backend.backend(),
         "cuda_build": cuda_build,
         "gpus": gpus,
@@ -301,7 +298,11 @@ def report(*, strategy: str = "auto", precision: str = "auto", jit_compile="auto
         "tf_config": _tf_config(),
         "failed_cuda_libraries": None,
         "plan": _plan(
-            trainer, gpus, strategy=strategy, precision=precision, jit_compile=jit_compile
+            gpus,
+            strategy=strategy,
+            precision=precision,
+            jit_compile=jit_compile,
+            deterministic=deterministic,
         ),
     }
     if smi["gpus"] and not gpus and cuda_build["is_cuda_build"] and not _hides_all(facts):
@@ -312,6 +313,16 @@ def report(*, strategy: str = "auto", precision: str = "auto", jit_compile="auto
         "problems": problems,
         "notes": notes,
         "ok": not any(p["level"] == "error" for p in problems),
+    }
+
+
+def _versions(tf, keras) -> dict:
+    return {
+        "python": platform.python_version(),
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "tensorflow_datasets": _dist_version("tensorflow-datasets"),
+        "hydra": _dist_version("hydra-core"),
     }
 
 
@@ -633,11 +644,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="{auto,true,false}",
         help="trainer.jit_compile to check: auto, true or false (default: auto)",
     )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="as trainer.deterministic=true (auto keeps XLA off)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines
     try:
         result = report(
-            strategy=args.strategy, precision=args.precision, jit_compile=args.jit_compile
+            strategy=args.strategy,
+            precision=args.precision,
+            jit_compile=args.jit_compile,
+            deterministic=args.deterministic,
         )
     except ImportError as err:  # a broken install: say so instead of a traceback
         print(

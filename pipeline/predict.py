@@ -16,7 +16,7 @@ cannot be read gets a row with its error and the rest go on. The exit code is 0
 when at least one image was classified, 1 when none was, 2 for a bad MODEL.
 
 ``--tta flip|flip_translate`` averages the model's logits over mirrored (and
-one-pixel shifted) views of each image before the softmax (``pipeline.tta``),
+one-pixel shifted) views of each image before the softmax (``pipeline.evaluation.tta``),
 for a run directory or a ``.keras`` file. A SavedModel serves the test-time
 augmentation it was exported with (``python -m pipeline.export ... tta=flip``);
 ``--tta`` cannot add one to it and is refused.
@@ -43,7 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import security
 from pipeline.errors import PipelineError
+from pipeline.runs import hashes
 
 BATCH_SIZE = 64  # images per model call
 OUTPUT_FORMATS = ("table", "json", "csv")
@@ -89,14 +91,13 @@ def load_predictor(model_path, *, allow_unsafe_h5: bool = False, tta: str = "non
             was saved, holds code (a Lambda layer, an unallowed .h5), or cannot
             be loaded; a bad ``tta``, or one asked of a SavedModel.
     """
-    from pipeline import security
-    from pipeline.evaluate import check_tta
+    from pipeline.evaluation.tta import check_mode
 
-    check_tta(tta, "--tta")
+    check_mode(tta, "--tta")
     path = Path(model_path).expanduser()
-    if path.is_dir() and (path / "manifest.json").is_file():
+    if path.is_dir() and (path / hashes.MANIFEST).is_file():
         return _run_predictor(path, tta)
-    run_dir = security.find_run_dir(path.parent)
+    run_dir = hashes.find_run_dir(path.parent)
     max_pixels = _run_max_pixels(run_dir) if run_dir else DEFAULT_MAX_PIXELS
     if path.is_dir() and (path / "saved_model.pb").is_file():
         if tta != "none":
@@ -107,11 +108,11 @@ def load_predictor(model_path, *, allow_unsafe_h5: bool = False, tta: str = "non
                 "a .keras file with --tta."
             )
         if run_dir:
-            security.verify_artifact(run_dir, path)
+            hashes.verify_artifact(run_dir, path)
         return _saved_model_predictor(path, max_pixels)
     if path.is_file() and path.suffix.lower() in (".keras", *security.LEGACY_MODEL_SUFFIXES):
         if run_dir:
-            security.verify_artifact(run_dir, path)
+            hashes.verify_artifact(run_dir, path)
         info_file = path.parent / "class_names.json"
         info = json.loads(info_file.read_text()) if info_file.is_file() else {}
         if isinstance(info, list):
@@ -137,14 +138,13 @@ def _run_max_pixels(run_dir: Path) -> int:
 
 
 def _run_predictor(path: Path, tta: str) -> Predictor:
-    from pipeline import security
-    from pipeline.evaluate import load_run
+    from pipeline.runs.reader import load_run
 
     run = load_run(path)
     model_file = path / "model.keras"
     if not model_file.is_file():
         raise PipelineError(f"{path} has no model.keras: did training finish?")
-    security.verify_artifact(path, model_file)
+    hashes.verify_artifact(path, model_file)
     model = security.safe_load_keras(model_file)
     max_pixels = _run_max_pixels(path)
     return _keras_predictor(model, model_file, run.class_names, run.resize, max_pixels, tta)
@@ -155,7 +155,7 @@ def _keras_predictor(
 ) -> Predictor:
     import keras
 
-    from pipeline.tta import with_tta
+    from pipeline.evaluation.tta import with_tta
 
     _, height, width, _ = model.input_shape
     num_classes = model.output_shape[-1]
@@ -274,7 +274,7 @@ def read_image(path: str) -> np.ndarray:
     A GIF gives its first frame; EXIF orientation is applied; 16-bit and CMYK
     images become 8-bit RGB.
     """
-    from pipeline.data.scan import decode_with_pil
+    from pipeline.data.quarantine import decode_with_pil
 
     return decode_with_pil(path)
 
@@ -317,32 +317,37 @@ def predict(
         raise PipelineError(f"--max-pixels must be >= 1, got {max_pixels}")
     predictor = load_predictor(model_path, allow_unsafe_h5=allow_unsafe_h5, tta=tta)
     limit = max_pixels or predictor.max_pixels
-    from pipeline.data.sources import resize_image
-
     rows = [{"file": f, "predictions": [], "error": e} for f, e in list_inputs(inputs)]
     pending = [row for row in rows if row["error"] is None]
-    k = min(top_k, len(predictor.class_names))
     for start in range(0, len(pending), batch_size):
-        batch, images = [], []
-        for row in pending[start : start + batch_size]:
-            row["error"] = check_header(row["file"], limit)
-            if row["error"]:
-                continue
-            try:
-                image = read_image(row["file"])
-                images.append(resize_image(image, predictor.image_size, predictor.resize).numpy())
-                batch.append(row)
-            except Exception as err:  # Pillow raises many types for broken files
-                row["error"] = f"cannot read image: {err}"
-        if not batch:
-            continue
-        probabilities = predictor.probabilities(np.stack(images))
-        for row, probs in zip(batch, probabilities, strict=True):
-            best = np.argsort(-probs, kind="stable")[:k]
-            row["predictions"] = [
-                {"class": predictor.class_names[i], "probability": float(probs[i])} for i in best
-            ]
+        _classify(predictor, pending[start : start + batch_size], limit, top_k)
     return rows
+
+
+def _classify(predictor: Predictor, rows: list[dict], max_pixels: int, top_k: int) -> None:
+    """Fills in each row's ``predictions``, or its ``error`` for a file that cannot be read."""
+    from pipeline.data.sources import resize_image
+
+    batch, images = [], []
+    for row in rows:
+        row["error"] = check_header(row["file"], max_pixels)
+        if row["error"]:
+            continue
+        try:
+            image = read_image(row["file"])
+            images.append(resize_image(image, predictor.image_size, predictor.resize).numpy())
+            batch.append(row)
+        except Exception as err:  # Pillow raises many types for broken files
+            row["error"] = f"cannot read image: {err}"
+    if not batch:
+        return
+    k = min(top_k, len(predictor.class_names))
+    probabilities = predictor.probabilities(np.stack(images))
+    for row, probs in zip(batch, probabilities, strict=True):
+        best = np.argsort(-probs, kind="stable")[:k]
+        row["predictions"] = [
+            {"class": predictor.class_names[i], "probability": float(probs[i])} for i in best
+        ]
 
 
 def format_rows(rows: list[dict], output_format: str) -> str:

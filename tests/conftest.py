@@ -1,10 +1,12 @@
-"""Shared test set-up: the TensorFlow backend, quiet logs, tiny data helpers."""
+"""Shared test set-up: the TensorFlow backend, quiet logs, tiny data helpers, tiny runs."""
 
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import shutil  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -12,6 +14,8 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONF_DIR = str(REPO / "conf")
+# A run that trains in seconds on two cores: 16 px images, batches of 8, a 4-filter cnn.
+TINY = ["data.image_size=16", "data.batch_size=8", "model.width=4", "trainer.verbose=0"]
 
 
 def compose(overrides: list[str] | None = None):
@@ -58,6 +62,82 @@ def png_header_only(path: Path, width: int, height: int) -> None:
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / "images")
+
+
+@dataclass(frozen=True)
+class TinyRun:
+    """A finished tiny run: its directory, what ``train()`` returned, the images it trained on."""
+
+    path: Path
+    metrics: dict
+    folder: Path | None  # None for a run on another data source
+
+    def copy_to(self, dest: Path) -> "TinyRun":
+        """A private copy at ``dest``, for tests that write into the run (eval/, export/, ...)."""
+        return replace(self, path=Path(shutil.copytree(self.path, dest)))
+
+
+def _listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its size and modification time."""
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+class TinyRuns:
+    """Trains each distinct tiny run once per session and hands out the finished run.
+
+    ``tiny_runs("trainer.epochs=2")`` composes ``TINY`` plus the overrides (on the shared
+    ``tiny_folder`` unless an override picks ``data=``) and trains in this process; the same
+    overrides in the same order return the cached run. The cached run is shared: a test that
+    writes into it must take ``.copy_to(tmp_path / "run")`` first. A cached run or the shared
+    folder that changed is an error at the next request and at the end of the session.
+    """
+
+    def __init__(self, root: Path, folder: Path):
+        self.root = root
+        self.folder = folder
+        self._runs: dict[tuple[str, ...], TinyRun] = {}
+        self._listings = {folder: _listing(folder)}
+
+    def __call__(self, *overrides: str) -> TinyRun:
+        on_folder = not any(o.startswith("data=") for o in overrides)
+        data = ["data=folder", f"data.path={self.folder}"] if on_folder else []
+        key = (*data, *TINY, f"data.cache_dir={self.root / 'cache'}", *overrides)
+        if key not in self._runs:
+            from pipeline.train import train
+
+            path = self.root / f"run{len(self._runs)}"
+            metrics = train(compose(list(key)), run_dir=path)
+            self._runs[key] = TinyRun(path, metrics, self.folder if on_folder else None)
+            self._listings[path] = _listing(path)
+        self.check_untouched()
+        return self._runs[key]
+
+    def check_untouched(self) -> None:
+        for root, listing in self._listings.items():
+            now = _listing(root)
+            changed = sorted(k for k in listing.keys() | now.keys() if listing.get(k) != now.get(k))
+            assert not changed, (
+                f"a test wrote into the shared {root} ({', '.join(changed[:5])}); "
+                "write into a copy instead: tiny_runs(...).copy_to(tmp_path / 'run')"
+            )
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """3 classes x 10 small images in several formats, shared by the session: read only."""
+    return write_image_folder(tmp_path_factory.mktemp("tiny") / "images", per_class=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, tiny_folder):
+    """The session's tiny-run factory (see ``TinyRuns``)."""
+    runs = TinyRuns(tmp_path_factory.mktemp("tiny_runs"), tiny_folder)
+    yield runs
+    runs.check_untouched()
 
 
 def run_test_split(run_dir: Path, folder: Path, size: int):

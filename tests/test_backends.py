@@ -101,6 +101,7 @@ def test_jax_bench_on_synthetic_data_imports_no_tensorflow(tmp_path, tensorflow_
     assert "NO_TENSORFLOW" in proc.stdout
     result = json.loads((run_dir / "bench.json").read_text())
     assert result["plan"]["backend"] == "jax"
+    assert "jit_compile auto -> True (JAX)" in result["plan"]["reasons"]  # devices.plan's answer
     assert set(result["images_per_sec"]) == {"synthetic", "keras_fit"}
     assert all(rate > 0 for rate in result["images_per_sec"].values())
 
@@ -108,7 +109,7 @@ def test_jax_bench_on_synthetic_data_imports_no_tensorflow(tmp_path, tensorflow_
 def test_the_config_key_picks_the_backend_over_keras_backend(tmp_path):
     code = (
         "from hydra import compose, initialize_config_dir\n"
-        "from pipeline.train import CONF_DIR\n"
+        "from pipeline.config import CONF_DIR\n"
         "with initialize_config_dir(config_dir=CONF_DIR, version_base='1.3'):\n"
         "    print(compose('config').backend, compose('config', ['backend=tensorflow']).backend)\n"
     )

@@ -8,25 +8,16 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, write_image_folder
+from conftest import REPO, TINY
 from pipeline import bench
 from pipeline.errors import PipelineError
 
-TINY = [
-    "model=cnn",
-    "model.width=4",
-    "data.image_size=16",
-    "data.batch_size=8",
-    "bench.warmup_steps=1",
-    "bench.steps=2",
-    "bench.windows=2",
-]
+QUICK = ["model=cnn", *TINY, "bench.warmup_steps=1", "bench.steps=2", "bench.windows=2"]
 
 
 @pytest.fixture(scope="module")
-def tiny_bench(tmp_path_factory):
+def tiny_bench(tmp_path_factory, tiny_folder):
     root = tmp_path_factory.mktemp("bench")
-    folder = write_image_folder(root / "images", per_class=10)  # 24 training images: 3 steps
     run_dir = root / "run"
     proc = subprocess.run(
         [
@@ -34,10 +25,10 @@ def tiny_bench(tmp_path_factory):
             "-m",
             "pipeline.bench",
             "data=folder",
-            f"data.path={folder}",
+            f"data.path={tiny_folder}",  # 24 training images: 3 steps
             f"data.cache_dir={root / 'cache'}",
             f"hydra.run.dir={run_dir}",
-            *TINY,
+            *QUICK,
         ],
         cwd=REPO,
         capture_output=True,

@@ -1,16 +1,19 @@
 """Every option of every config group composes, and bad configs fail early and clearly."""
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, REPO, compose
+from pipeline.config import check_config
 from pipeline.errors import PipelineError
-from pipeline.train import check_config
 
 GROUPS = ["data", "augment", "model", "optimizer", "schedule", "trainer", "experiment"]
+HYDRA_GROUPS = ["hparams_search", "launcher"]  # set hydra.*: composed in test_sweep.py
 
 
 def _options(group):
@@ -88,8 +91,16 @@ def test_unknown_group_option_lists_the_choices():
     assert "resnet9000" in proc.stderr and "resnet20" in proc.stderr
 
 
-def test_conf_dir_is_the_repos():
-    assert CONF_DIR.endswith("conf")
+def test_the_commands_conf_dir_holds_the_tested_and_documented_groups():
+    from pipeline import config
+
+    assert Path(config.CONF_DIR) == Path(CONF_DIR)  # what @hydra.main loads is what we compose
+    on_disk = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
+    defaults = OmegaConf.load(Path(CONF_DIR) / "config.yaml").defaults
+    assert sorted(next(iter(d)) for d in defaults if not isinstance(d, str)) == on_disk
+    assert on_disk == sorted(GROUPS + HYDRA_GROUPS)  # a new group joins GROUPS, so it is composed
+    reference = (REPO / "README.md").read_text().split("## Config reference")[1].split("\n#")[0]
+    assert re.findall(r"^\| `(\w+)` \|", reference, re.MULTILINE) == GROUPS
 
 
 def test_he_et_al_recipe_steps_the_learning_rate_at_32k_and_48k_of_64k():

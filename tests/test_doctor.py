@@ -132,7 +132,7 @@ def test_summary_line_for_cpu(cpu_json):
 def test_report_leaves_devices_unconfigured():
     """The trainer may call report() before setup_devices: logical CPUs must still apply."""
     code = (
-        "from pipeline import doctor, trainer\n"
+        "from pipeline import doctor\nfrom pipeline.training import devices as trainer\n"
         "doctor.report()\n"
         "devices = trainer.setup_devices(logical_cpus=2, deterministic=False, seed=0)\n"
         "print(len(devices.cpus))\n"
@@ -280,11 +280,22 @@ def test_summary_line_for_gpus():
     )
 
 
-def test_choices_match_the_trainer():
-    from pipeline import trainer
-
-    assert doctor.STRATEGIES == trainer.STRATEGIES
-    assert doctor.PRECISIONS == trainer.PRECISIONS
+def test_doctor_plans_as_training_does_with_deterministic(monkeypatch):
+    """One plan() answers for train and doctor: trainer.deterministic keeps auto XLA off."""
+    gpu = [{"name": "GPU:0", "compute_capability": [9, 0]}]
+    plain = doctor._plan(
+        gpu, strategy="auto", precision="auto", jit_compile="auto", deterministic=False
+    )
+    fixed = doctor._plan(
+        gpu, strategy="auto", precision="auto", jit_compile="auto", deterministic=True
+    )
+    assert plain["jit_compile"]["resolved"] is True
+    assert fixed["jit_compile"] == {
+        "requested": "auto",
+        "resolved": False,
+        "reason": "trainer.deterministic",
+    }
+    assert fixed["precision"]["resolved"] == "mixed_bfloat16"
 
 
 def test_expected_cuda_libraries():

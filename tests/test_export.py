@@ -8,14 +8,11 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO, compose, write_image_folder
-from pipeline import export
+from conftest import REPO
+from pipeline import exporting as export
 from pipeline.data.sources import resize_image
 from pipeline.errors import PipelineError
-from pipeline.evaluate import load_run
-from pipeline.train import train
-
-TINY = ["data.image_size=16", "data.batch_size=8", "model.width=4", "trainer.verbose=0"]
+from pipeline.runs.reader import load_run
 
 # Runs in a fresh interpreter: TensorFlow and NumPy only, no `pipeline`.
 SERVE_SCRIPT = """
@@ -45,12 +42,9 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    folder = write_image_folder(root / "images", per_class=10)
-    cfg = compose(["data=folder", f"data.path={folder}", "trainer.epochs=2", *TINY])
-    train(cfg, run_dir=root / "run")
-    return root / "run"
+def tiny_run(tiny_runs, tmp_path_factory):
+    """The shared 2-epoch run, copied: the CLI exports into its export/."""
+    return tiny_runs("trainer.epochs=2").copy_to(tmp_path_factory.mktemp("export") / "run").path
 
 
 @pytest.fixture(scope="module")

@@ -11,24 +11,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, compose, write_image_folder
+from conftest import REPO
 from pipeline.data.sources import resize_image
 from pipeline.export import export_run
 from pipeline.predict import main, predict
-from pipeline.train import train
 
-TINY = ["data.image_size=16", "data.batch_size=8", "model.width=4", "trainer.verbose=0"]
 GOOD = ("a.png", "b.jpg", "c.gif")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("predict")
-    folder = write_image_folder(root / "images", per_class=10)
-    cfg = compose(["data=folder", f"data.path={folder}", "trainer.epochs=2", *TINY])
-    train(cfg, run_dir=root / "run")
-    export_run(root / "run", formats=["saved_model", "keras"])
-    return root / "run"
+def tiny_run(tiny_runs, tmp_path_factory):
+    """The shared 2-epoch run, copied and exported to a SavedModel and a .keras file."""
+    run = tiny_runs("trainer.epochs=2").copy_to(tmp_path_factory.mktemp("predict") / "run")
+    export_run(run.path, formats=["saved_model", "keras"])
+    return run.path
 
 
 @pytest.fixture(scope="module")

@@ -9,31 +9,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose, png_header_only, write_image_folder
+from conftest import compose, png_header_only
 from pipeline import predict as predict_module
 from pipeline import security
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate, load_run
+from pipeline.evaluate import evaluate
 from pipeline.export import export_run
 from pipeline.predict import load_predictor, main, predict
-from pipeline.train import train
+from pipeline.runs import hashes
+from pipeline.runs.reader import load_run
 
-TINY = ["data.image_size=16", "data.batch_size=8", "model.width=4", "trainer.verbose=0"]
 MAX_PIXELS = 1_000_000  # the run's data.max_pixels: predict's default limit
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tiny_runs, tmp_path_factory):
     """A tiny run, exported, with its artifacts' hashes recorded as train.py records them."""
-    root = tmp_path_factory.mktemp("security")
-    folder = write_image_folder(root / "images", per_class=10)
-    cfg = compose(
-        ["data=folder", f"data.path={folder}", "trainer.epochs=1", "export.formats=[]", *TINY]
-        + [f"data.max_pixels={MAX_PIXELS}"]
-    )
-    run = root / "run"
-    train(cfg, run_dir=run)
-    security.record_artifacts(run, [run / "model.keras", *(run / "checkpoints").glob("*.h5")])
+    shared = tiny_runs("trainer.epochs=1", "export.formats=[]", f"data.max_pixels={MAX_PIXELS}")
+    run = shared.copy_to(tmp_path_factory.mktemp("security") / "run").path
+    hashes.record_artifacts(run, [run / "model.keras", *(run / "checkpoints").glob("*.h5")])
     export_run(run, formats=["saved_model", "keras"])  # records its own files
     return run
 
@@ -53,19 +47,19 @@ def test_every_artifact_has_its_sha256_in_the_manifest(run_dir):
         "export/model.keras",
         "export/class_names.json",
     }
-    assert artifacts["model.keras"] == security.sha256_file(run_dir / "model.keras")
-    assert artifacts["export/saved_model"] == security.sha256_tree(run_dir / "export/saved_model")
+    assert artifacts["model.keras"] == hashes.sha256_file(run_dir / "model.keras")
+    assert artifacts["export/saved_model"] == hashes.sha256_tree(run_dir / "export/saved_model")
     assert all(len(h) == 64 for h in artifacts.values())
 
 
 def test_tree_hash_sees_renamed_and_changed_files(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.bin").write_bytes(b"1")
-    first = security.sha256_tree(tmp_path / "a")
+    first = hashes.sha256_tree(tmp_path / "a")
     (tmp_path / "a" / "x.bin").rename(tmp_path / "a" / "y.bin")
-    second = security.sha256_tree(tmp_path / "a")
+    second = hashes.sha256_tree(tmp_path / "a")
     (tmp_path / "a" / "y.bin").write_bytes(b"2")
-    assert len({first, second, security.sha256_tree(tmp_path / "a")}) == 3
+    assert len({first, second, hashes.sha256_tree(tmp_path / "a")}) == 3
 
 
 @pytest.mark.parametrize(
@@ -147,7 +141,7 @@ def test_legacy_h5_models_need_the_unsafe_flag(tmp_path, capsys):
     "override",
     [
         "optimizer._target_=os.system",
-        "optimizer._target_=pipeline.runinfo.subprocess.run",  # a module reached through ours
+        "optimizer._target_=pipeline.runs.manifest.subprocess.run",  # a module reached through ours
         "optimizer._target_=keras.optimizers.schedules.os.system",
         "+optimizer.extra._target_=builtins.exec",  # nested: instantiate would build it too
     ],
@@ -166,7 +160,7 @@ def test_allowlisted_targets_pass_and_hydra_settings_are_left_alone(tmp_path):
         security.check_targets(compose([f"optimizer={optimizer}"]))
     security.check_targets({"hydra": {"sweeper": {"_target_": "hydra._internal.BasicSweeper"}}})
     security.check_targets({"cb": [{"_target_": "keras.callbacks.EarlyStopping"}]})
-    security.check_targets({"s": {"_target_": "pipeline.schedules.WarmupSchedule"}})
+    security.check_targets({"s": {"_target_": "pipeline.training.schedules.WarmupSchedule"}})
     with pytest.raises(PipelineError, match=r"cb\.0\._target_='os\.remove'"):
         security.check_targets({"cb": [{"_target_": "os.remove"}]})
     target = tmp_path / "made"

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, compose, write_image_folder
-from pipeline import trainer
+from conftest import REPO, TINY, compose
 from pipeline.errors import PipelineError
 from pipeline.train import train
+from pipeline.training import loop as trainer
+from pipeline.training.devices import Plan
 
-TINY = ["data.image_size=16", "data.batch_size=8", "model.width=4", "trainer.verbose=0"]
 METRIC_KEYS = [
     "train_loss",
     "train_accuracy",
@@ -35,13 +35,10 @@ METRIC_KEYS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    folder = write_image_folder(root / "images", per_class=10)
-    cfg = compose(["data=folder", f"data.path={folder}", "trainer.epochs=2", *TINY])
-    run_dir = root / "run"
-    metrics = train(cfg, run_dir=run_dir)
-    return run_dir, metrics, folder
+def tiny_run(tiny_runs):
+    """The shared 2-epoch folder run (these tests only read it) and what train() returned."""
+    run = tiny_runs("trainer.epochs=2")
+    return run.path, run.metrics, run.folder
 
 
 def test_run_dir_holds_every_artifact(tiny_run):
@@ -172,7 +169,7 @@ def _tiny_model(layer_cls):
 def _build(layer_cls, precision, jit):
     x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
     ds = tf.data.Dataset.from_tensor_slices((x, tf.one_hot(np.arange(8) % 3, 3))).batch(4)
-    plan = trainer.Plan(strategy="default", precision=precision, jit_compile=jit)
+    plan = Plan(strategy="default", precision=precision, jit_compile=jit)
     model, attempts = trainer.build_compiled(
         strategy=tf.distribute.get_strategy(),
         plan=plan,
@@ -262,8 +259,8 @@ def test_train_refuses_a_target_outside_the_allowlist(tmp_path):
 
 def test_run_records_artifact_hashes(tiny_run):
     run_dir, _, _ = tiny_run
-    from pipeline import security
+    from pipeline.runs import hashes
 
     artifacts = json.loads((run_dir / "manifest.json").read_text())["artifacts"]
-    assert artifacts["model.keras"] == security.sha256_file(run_dir / "model.keras")
+    assert artifacts["model.keras"] == hashes.sha256_file(run_dir / "model.keras")
     assert "checkpoints/best.weights.h5" in artifacts and "export/saved_model" in artifacts

@@ -10,6 +10,7 @@ the model takes raw pixel values and an exported model takes uint8 images.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -22,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.data import augment
-from pipeline.data.sources import SOURCES, Source, load_digits, load_folder, load_tfds
+from pipeline.data.sources import Source
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -82,19 +83,6 @@ class DataBundle:
         images = self.source.train.images if self.train_images is None else self.train_images
         picked = images.shard(every, 0).take(n).batch(STATS_BATCH)
         return np.concatenate([images.numpy() for images, _ in picked]).astype("float32")
-
-
-def load_source(source: str, *, image_size: int, seed: int, **options) -> Source:
-    """Loads one of ``SOURCES`` with its own options (see ``conf/data/*.yaml``)."""
-    if image_size < 8:
-        raise PipelineError(f"data.image_size must be >= 8, got {image_size}")
-    if source == "digits":
-        return load_digits(image_size=image_size, seed=seed, **options)
-    if source == "folder":
-        return load_folder(image_size=image_size, seed=seed, **options)
-    if source == "tfds":
-        return load_tfds(image_size=image_size, **options)
-    raise PipelineError(f"data.source must be one of {SOURCES}, got {source!r}")
 
 
 def channel_stats(
@@ -237,10 +225,7 @@ def make_datasets(
     cutmix_alpha: float = 0.0,
     stats_cache_dir: str | None = None,
 ) -> DataBundle:
-    """Builds the batched train/val/test pipelines of a source.
-
-    Decoded images are cached in memory before augmentation, so decoding
-    happens once; the statistics pass fills that cache.
+    """Returns the batched train/val/test pipelines of a source, decoding each image once.
 
     Args:
         source: what ``load_source`` returned.
@@ -258,49 +243,27 @@ def make_datasets(
         cutmix_alpha: CutMix's factor; 0 turns it off.
         stats_cache_dir: where training statistics are cached (None: no cache).
 
-    Returns:
-        A ``DataBundle``.
+    Raises:
+        PipelineError: a bad batch size or flip, or images of no fixed shape.
     """
     if batch_size < 1:
         raise PipelineError(f"data.batch_size must be >= 1, got {batch_size}")
-    train_images = source.train.images.cache()
-    stats = training_stats(source, train_images, stats_cache_dir)
-    image_shape = tuple(int(d) for d in train_images.element_spec[0].shape)
-    if None in image_shape:
-        raise PipelineError(f"images must have a fixed shape, got {image_shape}")
+    if flip not in (True, False, "alternating"):
+        raise PipelineError(f"augment.flip must be true, false or alternating, got {flip!r}")
+    train_images, stats, image_shape = _training_images(source, stats_cache_dir)
     finish = _finish(len(source.class_names))
     per_batch = augment.batch_fn(
         randaugment=randaugment, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, seed=seed
     )
-    if flip not in (True, False, "alternating"):
-        raise PipelineError(f"augment.flip must be true, false or alternating, got {flip!r}")
     crop_flip = augment.crop_flip_fn(image_shape[0], crop_padding, flip is True, pad_mode=pad_mode)
-
-    def augmented(images, size):
-        ds = images.batch(size)
-        if crop_flip is not None:
-            ds = ds.map(crop_flip, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
-        return ds if per_batch is None else ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
-
-    pool = augment.fixed_flip(train_images, seed) if flip == "alternating" else train_images
-    shuffled = pool.shuffle(shuffle_buffer(source.train.count, image_shape), seed=seed)
-    train = augmented(shuffled, batch_size)
-
-    def evaluation(split):
-        return (
-            split.images.cache()
-            .batch(batch_size)
-            .map(finish, num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE)
-        )
-
+    batches = functools.partial(_batches, crop_flip=crop_flip, finish=finish, per_batch=per_batch)
+    shuffled = _shuffled(train_images, source.train.count, image_shape, seed, flip)
     return DataBundle(
-        train=shard_by_batch(train.prefetch(tf.data.AUTOTUNE)),
+        train=shard_by_batch(batches(shuffled, batch_size).prefetch(tf.data.AUTOTUNE)),
         first_batch=shard_by_batch(train_images.take(batch_size).batch(batch_size).map(finish)),
-        preview=augmented(train_images.take(PREVIEW_IMAGES), PREVIEW_IMAGES),
-        val=shard_by_batch(evaluation(source.val)) if source.val.count else None,
-        test=shard_by_batch(evaluation(source.test)),
+        preview=batches(train_images.take(PREVIEW_IMAGES), PREVIEW_IMAGES),
+        val=_evaluation(source.val, batch_size, finish) if source.val.count else None,
+        test=_evaluation(source.test, batch_size, finish),
         source=source,
         image_shape=image_shape,
         batch_size=batch_size,
@@ -308,4 +271,45 @@ def make_datasets(
         std=[float(s) for s in stats["std"]],
         stats=stats,
         train_images=train_images,
+    )
+
+
+def _training_images(source: Source, stats_cache_dir: str | None) -> tuple:
+    """The training split cached in memory, its statistics and its image shape.
+
+    The statistics pass fills the cache, so decoding happens once.
+
+    Raises:
+        PipelineError: the images have no fixed shape.
+    """
+    train_images = source.train.images.cache()
+    stats = training_stats(source, train_images, stats_cache_dir)
+    image_shape = tuple(int(d) for d in train_images.element_spec[0].shape)
+    if None in image_shape:
+        raise PipelineError(f"images must have a fixed shape, got {image_shape}")
+    return train_images, stats, image_shape
+
+
+def _shuffled(images: tf.data.Dataset, count: int, image_shape: tuple, seed: int, flip):
+    """The training images, reshuffled each epoch (mirrored by a fixed coin each if alternating)."""
+    pool = augment.fixed_flip(images, seed) if flip == "alternating" else images
+    return pool.shuffle(shuffle_buffer(count, image_shape), seed=seed)
+
+
+def _batches(images: tf.data.Dataset, size: int, *, crop_flip, finish, per_batch):
+    """Augmented batches of ``size``: crop and flip on uint8, float32 and one-hot, per-batch."""
+    ds = images.batch(size)
+    if crop_flip is not None:
+        ds = ds.map(crop_flip, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds if per_batch is None else ds.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _evaluation(split, batch_size: int, finish) -> tf.data.Dataset:
+    """A val or test split cached, batched to float32 pixels and one-hot labels, sharded."""
+    return shard_by_batch(
+        split.images.cache()
+        .batch(batch_size)
+        .map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
     )

@@ -33,8 +33,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import CONF_DIR, check_config, prepare_run_dir
 from pipeline.errors import PipelineError, user_errors
-from pipeline.train import CONF_DIR, check_config, data_options, prepare_run_dir
 
 log = logging.getLogger("pipeline.data.inspect")
 
@@ -72,10 +72,12 @@ def inspect_data(cfg: DictConfig, run_dir=None) -> dict:
 
     from PIL import Image
 
-    from pipeline import data, runinfo
+    from pipeline import data
+    from pipeline.data.sources import source_options
+    from pipeline.runs import manifest as runinfo
 
     d = cfg.data
-    source = data.load_source(d.source, image_size=d.image_size, seed=cfg.seed, **data_options(d))
+    source = data.load_source(d.source, image_size=d.image_size, seed=cfg.seed, **source_options(d))
     scan_report = source.details.pop("scan", None)
     train = source.train.images.cache()  # the stats pass fills it; sampling reads memory
     num_classes = len(source.class_names)
@@ -194,7 +196,7 @@ def original_sizes(source, data_cfg: DictConfig) -> dict:
 
 
 def _folder_sizes(root: Path, members: list[str], *, cache_dir, max_pixels: int) -> list:
-    from pipeline.data import scan
+    from pipeline.data import quarantine as scan
 
     # the scan keeps no sizes in its result, but caches each file's facts by path
     cached = scan._load_cache(scan._cache_path(cache_dir, root)) if cache_dir else {}

@@ -11,70 +11,25 @@ preprocessing in front, so the model the trainer gets takes raw 0..255 pixels:
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 import numbers
 import os
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
 import numpy as np
 
+from pipeline.errors import PipelineError
 from pipeline.models.layers import AlternatingFlip, ImagenetPreprocess, PatchWhitening
+from pipeline.models.registry import get_model, list_models, register_model
 
 logger = logging.getLogger(__name__)
 
 PRETRAINED_CHOICES = ("imagenet",)
 WEIGHTS_SUFFIXES = (".weights.h5", ".keras")
-
-_MODELS: dict[str, Callable[..., keras.Model]] = {}
-
-
-def register_model(fn: Callable[..., keras.Model]) -> Callable[..., keras.Model]:
-    """Adds a model builder to the registry under its function name.
-
-    Args:
-        fn: `fn(num_classes, input_shape, **kwargs) -> keras.Model` returning logits.
-
-    Returns:
-        `fn` unchanged, so this works as a decorator.
-
-    Raises:
-        ValueError: If a builder with the same name is already registered.
-    """
-    if fn.__name__ in _MODELS:
-        raise ValueError(f"Model {fn.__name__!r} is already registered.")
-    _MODELS[fn.__name__] = fn
-    return fn
-
-
-def list_models() -> list[str]:
-    """Returns the registered model names, sorted."""
-    return sorted(_MODELS)
-
-
-def get_model(name: str) -> Callable[..., keras.Model]:
-    """Returns the builder registered under `name`.
-
-    Args:
-        name: A name from `list_models()`.
-
-    Returns:
-        The builder function.
-
-    Raises:
-        ValueError: If `name` is not registered; the message lists the valid names.
-    """
-    if name not in _MODELS:
-        close = difflib.get_close_matches(str(name), _MODELS, n=3)
-        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(
-            f"Unknown model {name!r}.{hint} Registered models: {', '.join(list_models())}."
-        )
-    return _MODELS[name]
 
 
 def build(
@@ -104,18 +59,16 @@ def build(
         weights: Path to a local `.weights.h5` or `.keras` file to fine-tune from.
             Layers whose shapes differ (e.g. a head for another number of classes)
             are skipped with a logged warning.
-        adapt_images: raw training images (``[N, H, W, C]``, 0..255) that set the
-            network's data-dependent layers (``PatchWhitening``), a few thousand;
-            None leaves them at their initial values (fine when weights are
-            loaded afterwards).
+        adapt_images: raw training images (``[N, H, W, C]``, 0..255), a few thousand,
+            that set the network's data-dependent layers (``PatchWhitening``); None
+            leaves them at their initial values (fine when weights are loaded afterwards).
         alternating_flip: put an ``AlternatingFlip`` layer in front, which
             mirrors training batches on odd epochs (with
-            ``pipeline.callbacks.AlternatingFlipEpochs``); the identity at inference.
+            ``pipeline.training.callbacks.AlternatingFlipEpochs``); the identity at inference.
         **kwargs: Passed to the builder (e.g. `norm="sync"` for "cnn").
 
     Returns:
-        An uncompiled `keras.Model` taking float images with values 0..255 and
-        returning float32 logits of shape `(batch, num_classes)`.
+        An uncompiled `keras.Model`: float images (0..255) -> float32 logits `(batch, num_classes)`.
 
     Raises:
         ValueError: For an unknown `arch`, a bad argument, or `pretrained` on a model
@@ -124,27 +77,60 @@ def build(
     """
     builder = get_model(arch)
     input_shape = _check_input_shape(input_shape)
-    if not _is_int(num_classes) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
-    num_classes = int(num_classes)
+    num_classes = _check_num_classes(num_classes)
     if pretrained is not None:
         _check_pretrained(arch, builder, pretrained, input_shape)
         kwargs["pretrained"] = pretrained
     else:
         mean, std = _check_mean_std(mean, std, channels=input_shape[-1])
-    if weights is not None:
-        weights = _check_weights_path(weights)
-
+    weights = None if weights is None else _check_weights_path(weights)
     backbone = builder(num_classes, input_shape, **kwargs)
-    inputs = keras.Input(shape=input_shape, name="pixels")
-    x = AlternatingFlip(name="alternating_flip")(inputs) if alternating_flip else inputs
-    x = _preprocessing(x, backbone, pretrained, mean, std)
+    inputs, x = _front(input_shape, backbone, pretrained, mean, std, alternating_flip)
     model = keras.Model(inputs, backbone(x), name=arch)
     if adapt_images is not None:
         _adapt(backbone, keras.Model(inputs, x), adapt_images)
     if weights is not None:
         _load_weights(model, weights)
     return model
+
+
+def build_from_config(
+    model_section: Mapping,
+    *,
+    num_classes: int,
+    input_shape: Sequence[int],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    **extra,
+) -> keras.Model:
+    """Builds the model a config's ``model`` section describes, with `build`.
+
+    Args:
+        model_section: the ``model`` section as a plain mapping (resolved, e.g. by
+            ``OmegaConf.to_container``): ``arch`` and the builder's options.
+        num_classes: number of output logits.
+        input_shape: ``(height, width, channels)`` of the images.
+        mean: per-channel mean of the training images, [0, 1] scale.
+        std: per-channel standard deviation, [0, 1] scale.
+        **extra: more arguments of `build` (e.g. ``adapt_images``); they take
+            precedence over the section's options of the same name.
+
+    Returns:
+        The uncompiled model, as `build` returns it.
+
+    Raises:
+        PipelineError: ``model={arch}: ...`` for an unknown ``arch``, a bad option
+            or a missing weights file.
+    """
+    options = dict(model_section)
+    arch = options.pop("arch")
+    options.update(extra)
+    try:
+        return build(
+            arch, num_classes=num_classes, input_shape=input_shape, mean=mean, std=std, **options
+        )
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise PipelineError(f"model={arch}: {err}") from err
 
 
 def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -154,6 +140,12 @@ def _check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:
             f"input_shape must be (height, width, channels) of positive ints, got {input_shape!r}"
         )
     return tuple(int(d) for d in shape)
+
+
+def _check_num_classes(num_classes) -> int:
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    return int(num_classes)
 
 
 def _is_int(value) -> bool:
@@ -177,7 +169,7 @@ def _check_pretrained(arch, builder, pretrained, input_shape) -> None:
 
 
 def _pretrainable() -> list[str]:
-    return [n for n in list_models() if "pretrained" in inspect.signature(_MODELS[n]).parameters]
+    return [n for n in list_models() if "pretrained" in inspect.signature(get_model(n)).parameters]
 
 
 def _check_mean_std(mean, std, channels: int) -> tuple[list[float], list[float]]:
@@ -204,6 +196,13 @@ def _check_weights_path(weights: str | os.PathLike) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path!r}")
     return path
+
+
+def _front(input_shape, backbone, pretrained, mean, std, alternating_flip: bool):
+    """The pixel input, and what it becomes at the backbone: flipped (maybe), preprocessed."""
+    inputs = keras.Input(shape=input_shape, name="pixels")
+    x = AlternatingFlip(name="alternating_flip")(inputs) if alternating_flip else inputs
+    return inputs, _preprocessing(x, backbone, pretrained, mean, std)
 
 
 def _preprocessing(inputs, backbone, pretrained, mean, std):
@@ -267,8 +266,6 @@ def _adapt(backbone: keras.Model, preprocess: keras.Model, images: np.ndarray) -
 # Saved models carry their optimizer and its learning-rate schedule: registering
 # the schedule here lets `keras.saving.load_model` read any `model.keras` of ours
 # once `pipeline.models` is imported.
-from pipeline import schedules  # noqa: E402, F401
-
 # Importing the families registers their models; they need `register_model` above.
 from pipeline.models import (  # noqa: E402, F401, I001
     cnn,
@@ -278,10 +275,12 @@ from pipeline.models import (  # noqa: E402, F401, I001
     resnet_cifar,
     resnet_imagenet,
 )
+from pipeline.training import schedules  # noqa: E402, F401
 
 __all__ = [
     "ImagenetPreprocess",
     "build",
+    "build_from_config",
     "get_model",
     "list_models",
     "register_model",

@@ -6,8 +6,8 @@ import warnings
 
 import keras
 
-from pipeline.models import register_model
 from pipeline.models.layers import BatchNorm
+from pipeline.models.registry import register_model
 
 NORMS = ("batch", "sync", "none")
 STAGES = 3  # each halves height and width, so inputs need >= 2**STAGES pixels a side

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import keras
 
-from pipeline.models import register_model
 from pipeline.models.layers import BatchNorm, PartialIdentity, PatchWhitening
+from pipeline.models.registry import register_model
 
 WIDTHS = (64, 256, 256)  # channels of the three blocks; (128, 384, 384) is the records' wider net
 BN_MOMENTUM = 0.6  # Keras convention: = PyTorch's momentum 0.4, as in airbench94

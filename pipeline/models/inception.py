@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import keras
 
-from pipeline.models import register_model
 from pipeline.models.keras_app import application_classifier
 from pipeline.models.layers import BatchNorm
+from pipeline.models.registry import register_model
 
 MIN_INCEPTION_V3_SIZE = 75  # pixels a side, the smallest InceptionV3 accepts
 STEM_FILTERS = 96

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import keras
 
-from pipeline.models import register_model
+from pipeline.models.registry import register_model
 
 # How each keras.applications module expects ImageNet-pretrained inputs (the `mode`
 # of its `preprocess_input`), keyed by module name; see layers.ImagenetPreprocess.

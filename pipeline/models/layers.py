@@ -220,7 +220,7 @@ class AlternatingFlip(keras.layers.Layer):
     per image), this gives the records' "alternating flip" (Jordan 2024): every
     image is seen mirrored on every other epoch instead of on a fresh coin
     each epoch. The epoch's parity lives in a non-trainable variable that
-    :class:`pipeline.callbacks.AlternatingFlipEpochs` sets when an epoch begins,
+    :class:`pipeline.training.callbacks.AlternatingFlipEpochs` sets when an epoch begins,
     so it is read at the training step itself, whatever the input pipeline
     prefetched. The variable is training state, not a weight: it is not
     written to weight files, so a model rebuilt without this layer (for
@@ -255,7 +255,7 @@ class TestTimeAugmentation(keras.layers.Layer):
         model: a Keras model taking ``[N, H, W, C]`` images to logits (height
             and width known).
         views: ``views(images) -> [(weight, view), ...]``, weights adding to 1
-            (``pipeline.tta.with_tta`` passes its mode's).
+            (``pipeline.evaluation.tta.with_tta`` passes its mode's).
         **kwargs: Passed to `keras.layers.Layer`.
     """
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import keras
 
-from pipeline.models import register_model
 from pipeline.models.layers import BatchNorm
+from pipeline.models.registry import register_model
 
 STAGE_WIDTHS = (16, 32, 64)
 # PyTorch's BatchNorm2d defaults (its momentum 0.1 is Keras's 0.9).

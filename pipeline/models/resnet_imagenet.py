@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import keras
 
-from pipeline.models import register_model
 from pipeline.models.keras_app import application_classifier
+from pipeline.models.registry import register_model
 from pipeline.models.resnet_cifar import basic_block, conv_bn
 
 STAGE_WIDTHS = (64, 128, 256, 512)

@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, compose, run_test_split, write_image_folder
+from conftest import REPO, run_test_split
 from pipeline.data.sources import resize_image
 from pipeline.errors import PipelineError
-from pipeline.evaluate import evaluate, load_run
+from pipeline.evaluate import evaluate
+from pipeline.evaluation.tta import TTA_MODES, views, with_tta
 from pipeline.export import export_run
 from pipeline.predict import main, predict, read_image
-from pipeline.train import train
-from pipeline.tta import TTA_MODES, views, with_tta
+from pipeline.runs.reader import load_run
 
-TINY = ["data.image_size=16", "data.batch_size=8", "model.width=4", "trainer.verbose=0"]
 SIZE = 32  # pixels a side in the unit tests
 
 
@@ -112,19 +111,17 @@ def test_flip_tta_is_mirror_invariant_and_linear_models_average_the_images():
 def test_none_is_the_model_itself_and_a_bad_mode_is_named():
     model = _linear_model()
     assert with_tta(model, "none") is model
-    with pytest.raises(ValueError, match="tta must be one of none, flip, flip_translate; got 'x4'"):
+    with pytest.raises(
+        PipelineError, match="tta must be one of none, flip, flip_translate; got 'x4'"
+    ):
         with_tta(model, "x4")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tta")
-    folder = write_image_folder(root / "images", per_class=10)
-    cfg = compose(
-        ["data=folder", f"data.path={folder}", "trainer.epochs=1", "export.formats=[]", *TINY]
-    )
-    train(cfg, run_dir=root / "run")
-    return root / "run", folder
+def tiny_run(tiny_runs, tmp_path_factory):
+    """The shared 2-epoch run, copied: evaluate logs to its tensorboard/eval."""
+    run = tiny_runs("trainer.epochs=2").copy_to(tmp_path_factory.mktemp("tta") / "run")
+    return run.path, run.folder
 
 
 @pytest.fixture(scope="module")

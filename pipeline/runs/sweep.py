@@ -30,7 +30,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import open_dict
 
-log = logging.getLogger("pipeline.sweep")
+log = logging.getLogger("pipeline.runs.sweep")
 
 DIRECTIONS = ("maximize", "minimize")
 FAILED_FILE = "failed.json"

@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, write_image_folder
-from pipeline import distributed, trainer
 from pipeline.errors import PipelineError
+from pipeline.training import devices as trainer
+from pipeline.training import distributed
 
 # 3 classes x 10 images leave 24 training images: three global batches of 8, each
 # split 4 + 4 across the two workers. Synchronized BatchNorm normalizes over the

@@ -9,18 +9,24 @@ half alone (two passes). Logits are averaged, as the records do.
 
 from __future__ import annotations
 
+from pipeline.errors import PipelineError
+
 TTA_MODES = ("none", "flip", "flip_translate")
 SHIFT = 1  # pixels, at any image size: the records' one-pixel translation
 
 
-def check_mode(mode: str) -> str:
+def check_mode(mode: str, key: str = "tta") -> str:
     """Returns ``mode`` if it is one of :data:`TTA_MODES`.
 
+    Args:
+        mode: the test-time augmentation asked for.
+        key: how the user set it (``eval.tta``, ``--tta``, ...), for the message.
+
     Raises:
-        ValueError: naming the mode received and the valid ones.
+        PipelineError: naming ``key``, the value received and the valid modes.
     """
     if mode not in TTA_MODES:
-        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}; got {mode!r}")
+        raise PipelineError(f"{key} must be one of {', '.join(TTA_MODES)}; got {mode!r}")
     return mode
 
 

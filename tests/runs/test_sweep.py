@@ -12,23 +12,10 @@ import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
-from conftest import CONF_DIR, REPO, write_image_folder
-from pipeline import sweep
+from conftest import CONF_DIR, REPO, TINY
+from pipeline.runs import sweep
 
-TINY = [
-    "data=folder",
-    "data.image_size=16",
-    "data.batch_size=8",
-    "model.width=2",
-    "trainer.epochs=1",
-    "trainer.verbose=0",
-    "export.formats=[]",
-]
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("sweep") / "images", per_class=10)
+JOB = ["data=folder", *TINY, "trainer.epochs=1", "export.formats=[]"]  # each job of a sweep
 
 
 def _multirun(sweep_dir, images, *overrides, timeout=240, env=None):
@@ -38,7 +25,7 @@ def _multirun(sweep_dir, images, *overrides, timeout=240, env=None):
             "-m",
             "pipeline.train",
             "-m",
-            *TINY,
+            *JOB,
             f"data.path={images}",
             f"hydra.sweep.dir={sweep_dir}",
             *overrides,
@@ -77,8 +64,8 @@ def _hparams_event(job_dir):
     return hparams, scalars
 
 
-def test_grid_multirun_summary_and_hparams(tmp_path, images):
-    proc = _multirun(tmp_path, images, "model.width=2,4", "optimizer.lr=0.05,0.1")
+def test_grid_multirun_summary_and_hparams(tmp_path, tiny_folder):
+    proc = _multirun(tmp_path, tiny_folder, "model.width=2,4", "optimizer.lr=0.05,0.1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in tmp_path.iterdir() if (p / ".hydra").is_dir())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
@@ -105,8 +92,8 @@ def test_grid_multirun_summary_and_hparams(tmp_path, images):
         assert scalars["test_accuracy"] == pytest.approx(metrics[job]["test_accuracy"])
 
 
-def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, images):
-    proc = _multirun(tmp_path, images, "optimizer.lr=-1,0.05")
+def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_folder):
+    proc = _multirun(tmp_path, tiny_folder, "optimizer.lr=-1,0.05")
     assert proc.returncode == 0, proc.stderr[-3000:]
     failure = json.loads((tmp_path / "0" / "failed.json").read_text())
     assert failure["error"] == "PipelineError" and "optimizer.lr must be > 0" in failure["reason"]
@@ -119,15 +106,15 @@ def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, images):
     assert "optimizer.lr must be > 0" in rows[1]["reason"]
 
 
-def test_fail_fast_stops_the_sweep(tmp_path, images):
-    proc = _multirun(tmp_path, images, "optimizer.lr=-1,0.05", "sweep.fail_fast=true")
+def test_fail_fast_stops_the_sweep(tmp_path, tiny_folder):
+    proc = _multirun(tmp_path, tiny_folder, "optimizer.lr=-1,0.05", "sweep.fail_fast=true")
     assert proc.returncode == 2
     assert "optimizer.lr must be > 0" in proc.stderr
     assert not (tmp_path / "1").exists() and not (tmp_path / "summary.csv").exists()
 
 
-def test_optuna_search_writes_best_parameters(tmp_path, images):
-    proc = _multirun(tmp_path, images, "hparams_search=optuna", "hydra.sweeper.n_trials=3")
+def test_optuna_search_writes_best_parameters(tmp_path, tiny_folder):
+    proc = _multirun(tmp_path, tiny_folder, "hparams_search=optuna", "hydra.sweeper.n_trials=3")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     # data.batch_size is fixed on the command line, so it leaves the search space
@@ -183,7 +170,8 @@ def test_parallel_jobs_claim_different_gpus(tmp_path, monkeypatch):
         [
             sys.executable,
             "-c",
-            f"from pipeline import sweep; print(sweep.claim_gpu({str(tmp_path)!r}, num_gpus=2))",
+            "from pipeline.runs import sweep; "
+            f"print(sweep.claim_gpu({str(tmp_path)!r}, num_gpus=2))",
         ],
         capture_output=True,
         text=True,
@@ -194,10 +182,10 @@ def test_parallel_jobs_claim_different_gpus(tmp_path, monkeypatch):
     sweep._GPU_LOCK.close()
 
 
-def test_joblib_sweep_survives_a_killed_job(tmp_path, images):
+def test_joblib_sweep_survives_a_killed_job(tmp_path, tiny_folder):
     env = {**os.environ, sweep.KILL_JOB_ENV: "1"}  # job 1 SIGKILLs itself, like an OOM kill
     proc = _multirun(
-        tmp_path, images, "launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1,2", env=env
+        tmp_path, tiny_folder, "launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1,2", env=env
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = (proc.stdout + proc.stderr).splitlines()

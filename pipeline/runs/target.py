@@ -5,7 +5,7 @@ other key set on the command line (``trainer.epochs=30`` trains it longer);
 ``resume=auto`` reruns the command given now in the newest unfinished run
 under ``outputs/`` that was started with the same model, batch size and data.
 Either way the model, batch size and dataset cannot change: what differs is
-named and the resume refused. The backups themselves are ``pipeline.resume``'s.
+named and the resume refused. The backups themselves are ``pipeline.training.backups``'s.
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.data.sources import identity_keys
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-BACKUP_DIR = "backup"  # = pipeline.resume.BACKUP_DIR (kept here: no Keras import)
+BACKUP_DIR = "backup"  # = pipeline.training.backups.BACKUP_DIR (kept here: no Keras import)
 FINISHED = "metrics.json"  # written when a run ends
 SAME_KEYS = ("model", "data.source", "data.batch_size", "data.image_size", "data.resize")
-SAME_DATA_KEYS = ("path", "val_path", "test_path", "name")  # data.* naming the dataset
 
 
 def signature(cfg: DictConfig, bundle, source) -> dict:
@@ -44,8 +44,12 @@ def _select(cfg: DictConfig, key: str):
 
 
 def config_differences(saved: DictConfig, now: DictConfig) -> list[str]:
-    """``key (run: a, now: b)`` for the model, batch size and data keys that differ."""
-    keys = [*SAME_KEYS, *(f"data.{k}" for k in SAME_DATA_KEYS)]
+    """``key (run: a, now: b)`` for the model, batch size and data keys that differ.
+
+    The data keys are ``SAME_KEYS``' and those the data sources register as naming
+    their dataset (``identity_keys()``: ``data.path``, ``data.name``, ...).
+    """
+    keys = [*SAME_KEYS, *(f"data.{k}" for k in identity_keys())]
     return [
         f"{key} (run: {_select(saved, key)!r}, now: {_select(now, key)!r})"
         for key in keys

@@ -1,17 +1,193 @@
-"""Training callbacks of our own (Keras's come from config or ``pipeline.trainer``)."""
+"""Training callbacks of our own (Keras's are created in ``pipeline.training.loop``).
+
+``EpochStats`` (images/s), ``RunState`` (backups, a clean stop on SIGTERM or a
+non-finite loss), ``ConfusionMatrixLogger``, and the techniques the config
+turns on: ``Lookahead``, ``FreezeLayers``, ``AlternatingFlipEpochs`` and
+``EvaluateEachEpoch``.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from pipeline.evaluate import confusion_matrix, render_confusion_matrix
+from pipeline.evaluation.metrics import confusion_matrix
+from pipeline.evaluation.plots import render_confusion_matrix
+from pipeline.training import backups
+
+log = logging.getLogger(__name__)
 
 SUMMARY_TAG = "val_confusion_matrix"
+KILL_HOOK = "PIPELINE_TEST_KILL_AT"  # test hook: "epoch:step[:TERM]" (1-based) SIGKILLs (or
+# SIGTERMs) this process there
+NAN_HOOK = "PIPELINE_TEST_NAN_AT"  # test hook: "epoch:step" puts a NaN into the weights there
+
+
+class EpochStats(keras.callbacks.Callback):
+    """Adds training images/s (validation excluded) to each epoch's logs.
+
+    Placed before TensorBoard and the progress bar, so both show it.
+    """
+
+    def __init__(self, images_per_epoch: int):
+        super().__init__()
+        self.images_per_epoch = images_per_epoch
+        self.rates: list[float] = []
+        self._start = self._train_end = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._train_end = time.perf_counter(), None
+
+    def on_test_begin(self, logs=None):
+        if self._start is not None and self._train_end is None:
+            self._train_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        end = self._train_end or time.perf_counter()
+        rate = self.images_per_epoch / max(end - self._start, 1e-9)
+        self.rates.append(rate)
+        if logs is not None:
+            logs["images_per_sec"] = rate
+        self._start = None
+
+
+class RunState(keras.callbacks.Callback):
+    """Backs the run up, and stops it cleanly on a non-finite loss or on SIGTERM.
+
+    Backups are written at every epoch end and, with ``every_steps``, every
+    that many batches. A non-finite loss stops training without a backup of
+    the bad state, so the last good one stays; SIGTERM saves a backup at the
+    next batch end and stops (:attr:`preempted`).
+
+    Args:
+        directory: the backup folder, or None for no backups.
+        signature: what the run trains on, stored with each backup.
+        every_steps: also back up every this many batches (None: epochs only).
+        best_checkpoint: the ``ModelCheckpoint`` whose ``best`` value is kept.
+        restored: the backup training resumes from, or None.
+        save: whether this process writes backups.
+        sync: under multi-worker training, sums a number over all workers (a
+            collective, called after every batch), so that a SIGTERM to any
+            worker stops them all at the same step.
+    """
+
+    def __init__(
+        self,
+        directory: Path | None,
+        *,
+        signature: dict,
+        every_steps: int | None = None,
+        best_checkpoint=None,
+        restored: backups.Restored | None = None,
+        save: bool = True,
+        sync=None,
+    ):
+        super().__init__()
+        self.directory = directory
+        self.signature = signature
+        self.every_steps = int(every_steps) if every_steps else 0
+        self.best_checkpoint = best_checkpoint
+        self.history: dict = {k: list(v) for k, v in (restored.history if restored else {}).items()}
+        self.resume_epoch = restored.epoch if restored else 0
+        self.resume_step = restored.step if restored else 0
+        self.write = save and directory is not None
+        self.sync = sync
+        self.non_finite: dict | None = None  # {"epoch", "step", "loss"} once training went bad
+        self.preempted: dict | None = None  # {"epoch", "step", "backup"} after SIGTERM
+        self.last_backup: Path | None = restored.path if restored else None
+        self._stop_requested = threading.Event()
+        self._epoch = 0
+        self._offset = 0
+        self._step = 0
+        self._kill_at = _hook(KILL_HOOK)
+        self._nan_at = _hook(NAN_HOOK)
+        if restored and best_checkpoint is not None and restored.best is not None:
+            best_checkpoint.best = restored.best
+
+    def request_stop(self, *_args) -> None:
+        """Signal handler: save at the next batch end and stop."""
+        self._stop_requested.set()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        first_resumed = epoch == self.resume_epoch and self.resume_step
+        self._offset = self.resume_step if first_resumed else 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._nan_at and self._nan_at[:2] == (self._epoch + 1, self._offset + batch + 1):
+            for weight in self.model.trainable_variables:  # as a diverged update leaves them
+                weight.assign(keras.ops.full(weight.shape, float("nan"), weight.dtype))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step = self._offset + batch + 1
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.non_finite = {"epoch": self._epoch + 1, "step": self._step, "loss": float(loss)}
+            self.model.stop_training = True
+            return
+        stop = self._stop_requested.is_set()
+        if self.sync is not None:
+            stop = self.sync(float(stop)) > 0
+        if stop:
+            path = self._save(self._epoch, self._step)
+            self.preempted = {"epoch": self._epoch + 1, "step": self._step, "backup": path}
+            self.model.stop_training = True
+            return
+        if self.every_steps and self._step % self.every_steps == 0:
+            self._save(self._epoch, self._step)
+        if self._kill_at and self._kill_at[:2] == (self._epoch + 1, self._step):
+            os.kill(os.getpid(), signal.SIGTERM if self._kill_at[2] == "TERM" else signal.SIGKILL)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.non_finite or self.preempted:
+            return
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.non_finite = {"epoch": epoch + 1, "step": self._step, "loss": float(loss)}
+            return
+        if not _all_finite(self.model.trainable_variables):  # a NaN a ReLU hid from the loss
+            self.non_finite = {"epoch": epoch + 1, "step": self._step, "loss": "weights"}
+            self.model.stop_training = True
+            return
+        self._save(epoch + 1, 0)
+
+    def _save(self, epoch: int, step: int) -> Path | None:
+        if not self.write:
+            return None
+        best = getattr(self.best_checkpoint, "best", None)
+        self.last_backup = backups.save(
+            self.directory,
+            self.model,
+            epoch=epoch,
+            step=step,
+            history=self.history,
+            best=None if best is None else float(best),
+            signature=self.signature,
+        )
+        return self.last_backup
+
+
+def _all_finite(variables) -> bool:
+    return all(np.isfinite(keras.ops.convert_to_numpy(v)).all() for v in variables)
+
+
+def _hook(name: str) -> tuple | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    epoch, step, *how = value.split(":")
+    return int(epoch), int(step), *(how or ["KILL"])
 
 
 class ConfusionMatrixLogger(keras.callbacks.Callback):

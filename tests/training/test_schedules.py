@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from pipeline.schedules import WarmupSchedule
+from pipeline.training.schedules import WarmupSchedule
 
 
 def lr_at(schedule, step):

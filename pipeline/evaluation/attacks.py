@@ -162,51 +162,18 @@ def robustness_report(
         ``near_zero``, ``gradients``, each with ``ok`` and what was compared)
         and ``warnings`` (one line per failed check).
     """
-    import tensorflow as tf
-
     eps_list = [_check_eps(e) for e in eps_list]
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int64)
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError(f"need N > 0 images and N labels, got {len(images)} and {len(labels)}")
-    correct = {("clean", 0.0): 0}
-    correct.update({(a, e): 0 for e in eps_list for a in ("fgsm", "pgd")})
-    grad_norms = []
-
-    def hits(x, y):
-        logits = model(x, training=False)
-        return int(tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == y, tf.int32)))
-
-    for start in range(0, len(images), batch_size):
-        x = tf.constant(images[start : start + batch_size])
-        y = tf.constant(labels[start : start + batch_size])
-        correct["clean", 0.0] += hits(x, y)
-        _, grad = _loss_and_gradient(model, x, y)
-        grad_norms.extend(tf.norm(tf.reshape(grad, [len(x), -1]), axis=1).numpy().tolist())
-        for e in eps_list:
-            correct["fgsm", e] += hits(fgsm(model, x, y, e), y)
-            adv = pgd(
-                model,
-                x,
-                y,
-                e,
-                steps=steps,
-                step_size=step_size,
-                random_start=random_start,
-                seed=seed + start,
-            )
-            correct["pgd", e] += hits(adv, y)
-    n = len(images)
-    clean = correct["clean", 0.0] / n
-    rows = [
-        {"attack": a, "eps": e, "eps_pixels": e * PIXEL_MAX, "accuracy": correct[a, e] / n}
-        for e in eps_list
-        for a in ("fgsm", "pgd")
-    ]
-    grad_norm = float(np.mean(grad_norms))
+    pgd_options = {"steps": steps, "step_size": step_size, "random_start": random_start}
+    clean, rows, grad_norm = _attack_batches(
+        model, images, labels, eps_list, pgd_options, seed=seed, batch_size=batch_size
+    )
     checks = _checks(clean, rows, grad_norm)
     return {
-        "count": n,
+        "count": len(images),
         "clean_accuracy": clean,
         "pgd_steps": steps,
         "step_size": step_size,
@@ -216,6 +183,52 @@ def robustness_report(
         "checks": checks,
         "warnings": [c["message"] for c in checks.values() if not c["ok"]],
     }
+
+
+def _attack_batches(
+    model, images, labels, eps_list: list[float], pgd_options: dict, *, seed: int, batch_size: int
+) -> tuple[float, list[dict], float]:
+    """Attacks ``images`` a batch at a time with FGSM and PGD at each eps.
+
+    Returns:
+        ``(clean accuracy, rows, gradient norm)``: one row per attack and eps
+        (``attack``, ``eps``, ``eps_pixels``, ``accuracy``), and the mean L2
+        norm per image of the loss's input gradient at the clean images.
+    """
+    import tensorflow as tf
+
+    correct = {("clean", 0.0): 0}
+    correct.update({(a, e): 0 for e in eps_list for a in ("fgsm", "pgd")})
+    grad_norms = []
+    for start in range(0, len(images), batch_size):
+        x = tf.constant(images[start : start + batch_size])
+        y = tf.constant(labels[start : start + batch_size])
+        correct["clean", 0.0] += _hits(model, x, y)
+        _, grad = _loss_and_gradient(model, x, y)
+        grad_norms.extend(tf.norm(tf.reshape(grad, [len(x), -1]), axis=1).numpy().tolist())
+        for e in eps_list:
+            correct["fgsm", e] += _hits(model, fgsm(model, x, y, e), y)
+            adv = pgd(model, x, y, e, seed=seed + start, **pgd_options)
+            correct["pgd", e] += _hits(model, adv, y)
+    rows = [
+        {
+            "attack": a,
+            "eps": e,
+            "eps_pixels": e * PIXEL_MAX,
+            "accuracy": correct[a, e] / len(images),
+        }
+        for e in eps_list
+        for a in ("fgsm", "pgd")
+    ]
+    return correct["clean", 0.0] / len(images), rows, float(np.mean(grad_norms))
+
+
+def _hits(model, x, y) -> int:
+    """How many of ``x`` the model classifies as ``y``."""
+    import tensorflow as tf
+
+    logits = model(x, training=False)
+    return int(tf.reduce_sum(tf.cast(tf.argmax(logits, -1) == y, tf.int32)))
 
 
 def _checks(clean: float, rows: list[dict], grad_norm: float) -> dict:

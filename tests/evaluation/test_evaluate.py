@@ -11,13 +11,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO, compose, run_test_split, write_image_folder
-from pipeline.callbacks import SUMMARY_TAG, ConfusionMatrixLogger
+from conftest import REPO, run_test_split, write_image_folder
 from pipeline.errors import PipelineError
-from pipeline.evaluate import classification_metrics, evaluate, expected_calibration_error
-from pipeline.train import train
+from pipeline.evaluate import evaluate
+from pipeline.evaluation.metrics import classification_metrics, expected_calibration_error
+from pipeline.training.callbacks import SUMMARY_TAG, ConfusionMatrixLogger
 
-TINY = ["data.image_size=16", "data.batch_size=8", "model.width=4", "trainer.verbose=0"]
 REPORT_KEYS = (
     "loss",
     "accuracy",
@@ -35,12 +34,10 @@ REPORT_KEYS = (
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    folder = write_image_folder(root / "images", per_class=10)
-    cfg = compose(["data=folder", f"data.path={folder}", "trainer.epochs=2", *TINY])
-    train(cfg, run_dir=root / "run")
-    return root / "run", folder
+def tiny_run(tiny_runs, tmp_path_factory):
+    """The shared 2-epoch run, copied: evaluate writes eval/ and tensorboard/eval into it."""
+    run = tiny_runs("trainer.epochs=2").copy_to(tmp_path_factory.mktemp("eval") / "run")
+    return run.path, run.folder
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@
 al. 2020, "Fast is better than free"); ``pgd`` is ``steps`` signed-gradient
 steps from a random start, projected on the eps-ball (Madry et al. 2018).
 Models take raw pixels on 0..255, so ``eps`` (on the [0, 1] pixel scale, as in
-``pipeline.adversarial``) moves each pixel by at most ``eps * 255``.
+``pipeline.evaluation.attacks``) moves each pixel by at most ``eps * 255``.
 
 ``wrap`` returns a model that shares the built model's layers and weights and
 only changes ``train_step``: it crafts the attack (model in inference mode, on

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, compose, write_image_folder
-from pipeline import adversarial_training, models
+from conftest import REPO, TINY, compose
+from pipeline import models
 from pipeline.errors import PipelineError
-from pipeline.evaluate import load_run
+from pipeline.runs.reader import load_run
 from pipeline.train import train
+from pipeline.training import adversarial as adversarial_training
 
-TINY = ["data.image_size=16", "data.batch_size=8", "model.width=4", "trainer.verbose=0"]
 EPS = 8 / 255  # large enough that the eps-ball bound is not met by chance
 
 
@@ -59,13 +59,8 @@ def test_bad_setting_is_named(tmp_path):
         train(compose(["trainer.adversarial=fgsm"]), run_dir=tmp_path)
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("adv") / "images", per_class=8)
-
-
 @pytest.mark.parametrize("method", ["fgsm_rs", "pgd"])
-def test_adversarial_run_saves_plain_loadable_models(folder, tmp_path, monkeypatch, method):
+def test_adversarial_run_saves_plain_loadable_models(tiny_folder, tmp_path, monkeypatch, method):
     traced = []  # attack() runs when train_step is traced: proof the wrapper trained
     attack = adversarial_training.AdversarialModel.attack
     monkeypatch.setattr(
@@ -73,7 +68,7 @@ def test_adversarial_run_saves_plain_loadable_models(folder, tmp_path, monkeypat
         "attack",
         lambda self, *args: traced.append(self.steps) or attack(self, *args),
     )
-    overrides = ["data=folder", f"data.path={folder}", "trainer.epochs=1", *TINY]
+    overrides = ["data=folder", f"data.path={tiny_folder}", "trainer.epochs=1", *TINY]
     cfg = compose([*overrides, f"trainer.adversarial={method}", "trainer.adversarial_steps=2"])
     metrics = train(cfg, run_dir=tmp_path)
     assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["test_loss"])
@@ -87,7 +82,7 @@ def test_adversarial_run_saves_plain_loadable_models(folder, tmp_path, monkeypat
     np.testing.assert_allclose(last.predict(x, verbose=0), saved.predict(x, verbose=0), atol=1e-5)
 
 
-def test_pgd_training_runs_on_two_mirrored_replicas(folder, tmp_path):
+def test_pgd_training_runs_on_two_mirrored_replicas(tiny_folder, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [
@@ -95,7 +90,7 @@ def test_pgd_training_runs_on_two_mirrored_replicas(folder, tmp_path):
             "-m",
             "pipeline.train",
             "data=folder",
-            f"data.path={folder}",
+            f"data.path={tiny_folder}",
             "trainer.epochs=1",
             *TINY,
             "trainer.strategy=mirrored",

@@ -14,7 +14,7 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO, compose, png_header_only
-from pipeline.data import scan
+from pipeline.data import quarantine as scan
 from pipeline.data.sources import decode_file, load_folder
 from pipeline.errors import PipelineError
 from pipeline.train import train

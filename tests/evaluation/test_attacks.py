@@ -7,27 +7,24 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import compose, write_image_folder
-from pipeline import adversarial
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
+from pipeline.evaluation import attacks as adversarial
 from pipeline.models import build
-from pipeline.train import train
 
-TINY = ["data.image_size=16", "data.batch_size=8", "model.width=4", "trainer.verbose=0"]
 EPS = [1 / 255, 8 / 255, 32 / 255, 128 / 255]  # 128/255 can flip the colour channels
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adv")
-    folder = write_image_folder(root / "images", per_class=10)
-    cfg = compose(
-        ["data=folder", f"data.path={folder}", "trainer.epochs=10", "export.formats=[]", *TINY]
-        + ["optimizer=adam", "optimizer.lr=0.1"]  # 0.00625 at batch 8: learns the colours
-    )
-    train(cfg, run_dir=root / "run")
-    return root / "run", folder
+def trained(tiny_runs, tmp_path_factory):
+    """A folder run that learnt the colours, copied: evaluate writes eval/ into it."""
+    run = tiny_runs(
+        "trainer.epochs=10",
+        "export.formats=[]",
+        "optimizer=adam",
+        "optimizer.lr=0.1",  # 0.00625 at batch 8: learns the colours
+    ).copy_to(tmp_path_factory.mktemp("adv") / "run")
+    return run.path, run.folder
 
 
 def _tiny_model(seed=0):

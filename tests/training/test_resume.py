@@ -12,12 +12,14 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline import resume, runs
 from pipeline.errors import PipelineError
 from pipeline.models import build
+from pipeline.runs import target as runs
+from pipeline.training import backups as resume
+from pipeline.training import callbacks
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = [
+REPO = Path(__file__).resolve().parents[2]
+RESUMABLE = [  # not conftest.TINY: digits at batch 64 (STEPS_PER_EPOCH), deterministic, logged
     "data.image_size=16",
     "model.width=4",
     "trainer.verbose=2",
@@ -30,7 +32,7 @@ STEPS_PER_EPOCH = 21  # digits: 1,295 training images at batch 64
 
 def _train(tmp_path, name, *overrides, env=None, timeout=240):
     """Runs ``python -m pipeline.train`` with its run dir at ``tmp_path/name``."""
-    cmd = [sys.executable, "-m", "pipeline.train", *TINY, *overrides]
+    cmd = [sys.executable, "-m", "pipeline.train", *RESUMABLE, *overrides]
     cmd.append(f"hydra.run.dir={tmp_path / name}")
     return subprocess.run(
         cmd,
@@ -74,7 +76,7 @@ def uninterrupted(tmp_path_factory):
 
 
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path, uninterrupted):
-    killed = _train(tmp_path, "run", "trainer.epochs=3", env={resume.KILL_HOOK: "2:5"})
+    killed = _train(tmp_path, "run", "trainer.epochs=3", env={callbacks.KILL_HOOK: "2:5"})
     assert killed.returncode == -9  # SIGKILL: no cleanup ran
     run = tmp_path / "run"
     assert not (run / "metrics.json").exists()
@@ -102,7 +104,7 @@ def test_two_deterministic_runs_give_identical_weights(tmp_path, uninterrupted):
 
 def test_mid_epoch_step_backup_resumes_where_it_stopped(tmp_path):
     every = ["trainer.epochs=2", "trainer.backup_every_steps=4"]
-    killed = _train(tmp_path, "run", *every, env={resume.KILL_HOOK: "2:10"})
+    killed = _train(tmp_path, "run", *every, env={callbacks.KILL_HOOK: "2:10"})
     assert killed.returncode == -9
     run = tmp_path / "run"
     assert (_states(run)[0]["epoch"], _states(run)[0]["step"]) == (1, 8)  # newest: step 8
@@ -118,7 +120,7 @@ def test_mid_epoch_step_backup_resumes_where_it_stopped(tmp_path):
 
 
 def test_sigterm_saves_a_backup_exits_143_and_resumes(tmp_path):
-    term = _train(tmp_path, "run", "trainer.epochs=2", env={resume.KILL_HOOK: "1:6:TERM"})
+    term = _train(tmp_path, "run", "trainer.epochs=2", env={callbacks.KILL_HOOK: "1:6:TERM"})
     assert term.returncode == 143, term.stderr[-2000:]
     assert "stopped by SIGTERM at epoch 1, step 7" in term.stderr
     run = tmp_path / "run"
@@ -131,7 +133,7 @@ def test_sigterm_saves_a_backup_exits_143_and_resumes(tmp_path):
 
 
 def test_nan_stops_with_epoch_and_step_and_keeps_the_last_good_backup(tmp_path):
-    bad = _train(tmp_path, "run", "trainer.epochs=3", env={resume.NAN_HOOK: "2:3"})
+    bad = _train(tmp_path, "run", "trainer.epochs=3", env={callbacks.NAN_HOOK: "2:3"})
     assert bad.returncode == 2
     assert "the loss became nan at epoch 2, step 3" in bad.stderr
     run = tmp_path / "run"
@@ -267,7 +269,7 @@ def test_resume_a_dir_uses_its_config_and_refuses_what_cannot_change(tmp_path):
 
 
 def test_deterministic_keeps_xla_off_on_a_gpu_under_auto():
-    from pipeline import trainer
+    from pipeline.training import devices as trainer
 
     gpu = trainer.Devices(gpus=[{"name": "GPU:0", "compute_capability": [9, 0]}], cpus=["CPU:0"])
     kwargs = {"strategy": "auto", "precision": "auto", "jit_compile": "auto", "devices": gpu}
@@ -281,7 +283,7 @@ def test_deterministic_keeps_xla_off_on_a_gpu_under_auto():
 
 
 def test_float16_overflow_skips_the_step_instead_of_stopping():
-    from pipeline import trainer
+    from pipeline.training import loop as trainer
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
@@ -313,7 +315,7 @@ def test_float16_overflow_skips_the_step_instead_of_stopping():
 
 def test_nan_weights_behind_a_finite_loss_stop_at_the_epoch_end(tmp_path):
     model = _compiled()
-    state = resume.RunState(tmp_path, signature=SIGNATURE)
+    state = callbacks.RunState(tmp_path, signature=SIGNATURE)
     state.set_model(model)
     state.on_epoch_begin(0)
     state.on_epoch_end(0, {"loss": 1.0})

@@ -8,12 +8,14 @@ import pytest
 import tensorflow as tf
 
 from conftest import compose, run_test_split, write_image_folder
-from pipeline import callbacks, models, optimizers, tta
+from pipeline import models
 from pipeline.data import augment
 from pipeline.data.sources import load_folder
+from pipeline.evaluation import tta
 from pipeline.models.layers import AlternatingFlip, PartialIdentity, PatchWhitening
-from pipeline.schedules import WarmupSchedule
 from pipeline.train import train
+from pipeline.training import callbacks, optimizers
+from pipeline.training.schedules import WarmupSchedule
 
 TORCH_PARAMS = 1_972_792  # ../shared/bench/torch_fast_cifar.py, widths 64/256/256
 WHITEN_KERNEL = 2 * 2 * 3 * 24  # frozen here; a parameter in PyTorch
