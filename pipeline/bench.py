@@ -33,14 +33,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import (
-    CONF_DIR,
     check_config,
     class_weights_for,
+    hydra_main,
     model_factories,
     optimizer_factory,
     prepare_run_dir,
@@ -669,7 +668,7 @@ def format_table(result: dict) -> str:
     return "\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows) + "\n"
 
 
-@hydra.main(config_path=CONF_DIR, config_name="bench", version_base="1.3")
+@hydra_main("bench")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point (see ``conf/bench.yaml``)."""
     with user_errors(log):

@@ -9,8 +9,11 @@ training). TensorFlow is imported only once the config is known to be good.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -36,7 +39,35 @@ CHOICES = {
     "schedule.name": ("constant", "step", "cosine", "linear"),
     "data.source": tuple(list_sources()),
     "data.resize": ("crop", "pad", "stretch"),
+    "trainer.checkpoint_monitor": ("val_accuracy", "val_loss", "val_top5_accuracy"),
 }
+POSITIVE_INTS = (
+    "trainer.epochs",
+    "data.batch_size",
+    "data.image_size",
+    "trainer.steps_per_execution",
+)
+# The groups whose keys are checked, and the key that picks the option files to compare
+# against (None: every option of the group): data=folder's keys are not data=digits's.
+KEYED_GROUPS = {
+    "data": "source",
+    "model": "arch",
+    "optimizer": "_target_",
+    "schedule": None,  # warmup_fraction and warmup_from apply to every kind
+    "augment": None,
+    "trainer": None,
+}
+ROOT_SECTIONS = ("export", "objective", "sweep")  # defined by conf/config.yaml itself
+# Keras optimizer arguments the optimizer files leave at Keras's defaults; also accepted
+OPTIMIZER_KWARGS = (
+    "amsgrad",
+    "clipnorm",
+    "clipvalue",
+    "epsilon",
+    "global_clipnorm",
+    "loss_scale_factor",
+    "ema_overwrite_frequency",
+)
 HPARAM_KEYS = (  # logged for the HParams dashboard, with whatever the command line overrides
     "model.arch",
     "optimizer.lr",
@@ -70,14 +101,9 @@ def check_config(cfg: DictConfig) -> None:
     from pipeline import security
 
     security.check_targets(cfg)  # every _target_ allowlisted before anything is instantiated
-    for key, valid in CHOICES.items():
-        value = OmegaConf.select(cfg, key, default="__absent__")
-        if value != "__absent__" and value not in valid:
-            shown = ", ".join(str(v).lower() if isinstance(v, bool) else v for v in valid)
-            raise PipelineError(f"{key} must be one of {shown}; got {value!r}")
-    for key in ("trainer.epochs", "data.batch_size", "data.image_size"):
-        if int(OmegaConf.select(cfg, key)) < 1:
-            raise PipelineError(f"{key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    check_keys(cfg)
+    _check_choices(cfg)
+    _check_numbers(cfg)
     formats = list(cfg.export.formats or [])
     if formats:
         from pipeline import exporting
@@ -86,11 +112,6 @@ def check_config(cfg: DictConfig) -> None:
             exporting.check_formats(formats, tta=cfg.export.get("tta", "none"))
         except PipelineError as err:
             raise PipelineError(f"export: {err}") from err
-    if cfg.optimizer.lr <= 0 or cfg.optimizer.ref_batch < 1:
-        raise PipelineError(
-            f"optimizer.lr must be > 0 and optimizer.ref_batch >= 1, got "
-            f"{cfg.optimizer.lr} and {cfg.optimizer.ref_batch}"
-        )
     if cfg.get("backend") == "jax" and cfg.trainer.get("adversarial", "none") != "none":
         raise PipelineError(
             f"trainer.adversarial={cfg.trainer.adversarial} needs backend=tensorflow "
@@ -103,6 +124,227 @@ def check_config(cfg: DictConfig) -> None:
             adversarial.check(**adversarial_options(cfg.trainer))
         except ValueError as err:
             raise PipelineError(f"trainer.{err}") from err
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    for key, valid in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value != "__absent__" and value not in valid:
+            shown = ", ".join(str(v).lower() if isinstance(v, bool) else v for v in valid)
+            raise PipelineError(f"{key} must be one of {shown}; got {value!r}")
+
+
+def _check_numbers(cfg: DictConfig) -> None:
+    """Counts >= 1, a finite positive learning rate, split fractions that leave a training split."""
+    for key in POSITIVE_INTS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and int(value) < 1:
+            raise PipelineError(f"{key} must be >= 1, got {value}")
+    lr = float(cfg.optimizer.lr)
+    if not math.isfinite(lr) or lr <= 0:
+        raise PipelineError(f"optimizer.lr must be > 0 and finite, got {cfg.optimizer.lr}")
+    if cfg.optimizer.ref_batch < 1:
+        raise PipelineError(f"optimizer.ref_batch must be >= 1, got {cfg.optimizer.ref_batch}")
+    fractions = {}
+    for split in ("val", "test"):
+        value = cfg.data.get(f"{split}_fraction")
+        if value is None or cfg.data.get(f"{split}_path"):  # a folder of its own: unused
+            continue
+        if not 0 <= float(value) < 1:
+            raise PipelineError(f"data.{split}_fraction must be in [0, 1), got {value}")
+        fractions[f"data.{split}_fraction"] = float(value)
+    if sum(fractions.values()) >= 1:
+        shown = " + ".join(f"{k}={v}" for k, v in fractions.items())
+        raise PipelineError(f"{shown} leaves no training images: their sum must be < 1")
+
+
+def check_training_split(cfg: DictConfig, *, train_count: int, class_names: list[str]) -> None:
+    """Refuses a data set of one class, or a batch larger than its training split.
+
+    Raises:
+        PipelineError: naming the key, the value and the data set's size.
+    """
+    if len(class_names) < 2:
+        raise PipelineError(
+            f"data: {len(class_names)} class found ({', '.join(map(str, class_names))}); a "
+            "classifier needs at least 2 (for data=folder: one subfolder per class under data.path)"
+        )
+    if cfg.data.batch_size > train_count:
+        raise PipelineError(
+            f"data.batch_size={cfg.data.batch_size} is larger than the training split "
+            f"({train_count} images); set data.batch_size to at most {train_count}"
+        )
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuses a key the package's config files do not define (``+trainer.epoch=3``).
+
+    Each section of :data:`KEYED_GROUPS` is compared with the files of ``conf/<group>/``
+    that describe the chosen option (with the files their ``defaults`` name); a section
+    whose option no file describes (your own ``--config-dir`` option) is not compared.
+
+    Raises:
+        PipelineError: naming the unknown key, its value and the closest valid key.
+    """
+    for group, selector in KEYED_GROUPS.items():
+        section = cfg.get(group)
+        if isinstance(section, DictConfig):
+            choice = section.get(selector) if selector else None
+            spec = _group_spec(group, selector, choice)
+            if spec and group == "optimizer":
+                spec.update(dict.fromkeys(k for k in OPTIMIZER_KWARGS if k not in spec))
+            if spec:
+                where = f"{group} with {selector}={choice}" if selector else group
+                _compare_keys(OmegaConf.to_container(section, resolve=False), spec, group, where)
+    root = _option_spec(Path(CONF_DIR) / "config.yaml")
+    for name in ROOT_SECTIONS:
+        section = cfg.get(name)
+        if isinstance(section, DictConfig) and isinstance(root.get(name), dict):
+            _compare_keys(OmegaConf.to_container(section, resolve=False), root[name], name, name)
+
+
+def check_overrides(args: list[str], config_name: str = "config") -> None:
+    """Names the key meant by a plain override of a key conf/ lacks (``trainer.epoch=3``).
+
+    Hydra refuses those itself but suggests ``+trainer.epoch=3``, which adds a key that
+    nothing reads. Command lines with Hydra flags other than ``-m`` are left to Hydra.
+
+    Raises:
+        PipelineError: naming the override and the closest valid key.
+    """
+    from hydra import compose, initialize_config_dir
+
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return
+    plain = [a for a in args if "=" in a and not a.startswith(("+", "~", "-"))]
+    choices = [
+        a for a in plain if not any(c in a.partition("=")[0] for c in "./@") and "," not in a
+    ]
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=choices)
+    except Exception:  # a bad group choice: Hydra reports it itself
+        return
+    for arg in plain:
+        key, _, value = arg.partition("=")
+        parent_key, _, leaf = key.rpartition(".")
+        if key.partition(".")[0] not in (*KEYED_GROUPS, *ROOT_SECTIONS) or not parent_key:
+            continue
+        parent = OmegaConf.select(cfg, parent_key, default=None)
+        if isinstance(parent, DictConfig) and leaf not in list(parent.keys()):  # ??? is "not in"
+            close = difflib.get_close_matches(leaf, [str(k) for k in parent], n=1)
+            hint = f"did you mean {parent_key}.{close[0]}?" if close else "see conf/"
+            raise PipelineError(
+                f"{key}={value} is not a key of {parent_key}; {hint} (+{key}=... would add a "
+                "key that nothing reads)"
+            )
+
+
+def _group_spec(group: str, selector: str | None, choice) -> dict:
+    """The keys of the group's option files that ``selector=choice`` picks, merged."""
+    spec: dict = {}
+    for path in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
+        option = _option_spec(path)
+        if selector is None or option.get(selector) == choice:
+            _merge_spec(spec, option)
+    return spec
+
+
+def _option_spec(path: Path) -> dict:
+    """One option file's keys (unresolved), after the group files its ``defaults`` names."""
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    spec: dict = {}
+    for entry in raw.pop("defaults", None) or []:
+        if isinstance(entry, str) and (path.parent / f"{entry}.yaml").is_file():
+            _merge_spec(spec, _option_spec(path.parent / f"{entry}.yaml"))
+    _merge_spec(spec, raw)
+    return spec
+
+
+def _merge_spec(into: dict, new: dict) -> None:
+    """Unions keys; a key that is a dict in one file and not in another takes any keys (None)."""
+    for key, value in new.items():
+        if key not in into:
+            into[key] = value
+        elif isinstance(into[key], dict) and isinstance(value, dict):
+            _merge_spec(into[key], value)
+        elif isinstance(into[key], dict) or isinstance(value, dict):
+            into[key] = None
+
+
+def _compare_keys(section: dict, spec: dict, prefix: str, where: str) -> None:
+    for key, value in section.items():
+        if key not in spec:
+            close = difflib.get_close_matches(str(key), [str(k) for k in spec], n=1)
+            hint = (
+                f"did you mean {prefix}.{close[0]}?"
+                if close
+                else f"valid keys: {', '.join(sorted(map(str, spec)))}"
+            )
+            raise PipelineError(
+                f"{prefix}.{key}={value!r} is not a key of {where} (conf/ defines no such key, "
+                f"so it would be ignored); {hint}"
+            )
+        if isinstance(spec[key], dict) and spec[key] and isinstance(value, dict):
+            _compare_keys(value, spec[key], f"{prefix}.{key}", where)
+
+
+def data_options(cfg: DictConfig) -> tuple[dict, str | None]:
+    """The data loader's own options, and the cache directory to use (None: no cache).
+
+    A ``data.cache_dir`` that cannot be written (read-only, not a folder) is a warning:
+    the run goes on without the scan and statistics caches. TFDS keeps it: its prepared
+    data are read from there.
+    """
+    import logging
+
+    from pipeline.data.sources import source_options
+
+    options = source_options(cfg.data)
+    cache_dir = cfg.data.get("cache_dir")
+    if not cache_dir:
+        return options, None
+    try:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as err:
+        logging.getLogger("pipeline.config").warning(
+            "data.cache_dir=%s cannot be written (%s): going on without the scan and "
+            "statistics caches",
+            cache_dir,
+            err.strerror or err,
+        )
+        if "cache_dir" in options and cfg.data.source != "tfds":
+            options["cache_dir"] = None
+        return options, None
+    return options, str(cache_dir)
+
+
+def hydra_main(config_name: str):
+    """``@hydra.main`` for the commands: ``conf/<config_name>.yaml``, ``_target_``s checked first.
+
+    Every ``_target_`` of the composed config, ``hydra:`` included, is checked
+    (``pipeline.security.check_targets``) before Hydra instantiates its callbacks,
+    sweeper or launcher, and so before the command runs.
+    """
+    import functools
+
+    from pipeline import security
+
+    def decorate(task):
+        hydra_task = hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(
+            task
+        )
+
+        @functools.wraps(task)
+        def main(*args, **kwargs):
+            with security.targets_checked_before_hydra():
+                return hydra_task(*args, **kwargs)
+
+        return main
+
+    return decorate
 
 
 def select_backend(backend: str) -> None:
@@ -143,9 +385,11 @@ def optimizer_factory(
     epochs: int,
 ):
     """Returns (build_optimizer, peak_lr): the lr is scaled from ref_batch to the global batch."""
+    from pipeline import security
     from pipeline.training.schedules import WarmupSchedule
 
     kwargs = OmegaConf.to_container(opt_cfg, resolve=True)
+    security.check_targets({"optimizer": kwargs})  # what instantiate() below builds, once more
     base_lr, ref_batch = kwargs.pop("lr"), kwargs.pop("ref_batch")
     peak_lr = float(base_lr) * global_batch / int(ref_batch)
     sched = OmegaConf.to_container(schedule_cfg, resolve=True)

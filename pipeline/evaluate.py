@@ -6,17 +6,16 @@ Writes ``<run_dir>/eval/`` (``report.json``, ``confusion_matrix.png``,
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import CONF_DIR, require_run_dir
+from pipeline.config import hydra_main, require_run_dir
 from pipeline.errors import user_errors
 from pipeline.evaluation.report import evaluate
 
 __all__ = ["evaluate", "main"]
 
 
-@hydra.main(config_path=CONF_DIR, config_name="evaluate", version_base="1.3")
+@hydra_main("evaluate")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point (see ``conf/evaluate.yaml``)."""
     with user_errors():

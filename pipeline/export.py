@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, ListConfig
 
-from pipeline.config import CONF_DIR, require_run_dir
+from pipeline.config import hydra_main, require_run_dir
 from pipeline.errors import user_errors
 from pipeline.exporting import export_run
 
@@ -31,7 +30,7 @@ def _print_summary(report: dict, out: Path) -> None:
     print(f"  parity report {out / 'parity.json'}", flush=True)
 
 
-@hydra.main(config_path=CONF_DIR, config_name="export", version_base="1.3")
+@hydra_main("export")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point (see ``conf/export.yaml``)."""
     formats = list(cfg.format) if isinstance(cfg.format, ListConfig) else [cfg.format]

@@ -13,7 +13,9 @@ Folders are searched recursively for images (jpg, jpeg, png, bmp, gif). Every
 file is read with Pillow (converted to RGB, the first frame of a GIF), resized
 to the model's input as in training, and classified in batches. A file that
 cannot be read gets a row with its error and the rest go on. The exit code is 0
-when at least one image was classified, 1 when none was, 2 for a bad MODEL.
+when at least one image was classified, 1 when none was, 2 for a bad MODEL or
+``--output`` (checked before any image is read; written to a temporary file, then
+renamed, so a failed write leaves the file as it was).
 
 ``--tta flip|flip_translate`` averages the model's logits over mirrored (and
 one-pixel shifted) views of each image before the softmax (``pipeline.evaluation.tta``),
@@ -36,6 +38,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,10 +116,7 @@ def load_predictor(model_path, *, allow_unsafe_h5: bool = False, tta: str = "non
     if path.is_file() and path.suffix.lower() in (".keras", *security.LEGACY_MODEL_SUFFIXES):
         if run_dir:
             hashes.verify_artifact(run_dir, path)
-        info_file = path.parent / "class_names.json"
-        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
-        if isinstance(info, list):
-            info = {"class_names": info}
+        info = _read_class_names(path.parent / "class_names.json")
         model = security.safe_load_keras(path, allow_unsafe=allow_unsafe_h5)
         resize = info.get("resize", DEFAULT_RESIZE)
         return _keras_predictor(model, path, info.get("class_names"), resize, max_pixels, tta)
@@ -124,6 +124,37 @@ def load_predictor(model_path, *, allow_unsafe_h5: bool = False, tta: str = "non
         f"MODEL={str(model_path)!r} is not a training run directory (with manifest.json), a "
         ".keras file or a SavedModel directory (with saved_model.pb)."
     )
+
+
+def _read_class_names(info_file: Path) -> dict:
+    """``class_names.json`` beside a ``.keras`` file: ``{"class_names", "resize"}`` ({} if none).
+
+    Raises:
+        PipelineError: the file is not JSON, or not a list of names / such a dict.
+    """
+    from pipeline.data.sources import RESIZE_MODES
+
+    if not info_file.is_file():
+        return {}
+    try:
+        info = json.loads(info_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise PipelineError(
+            f"{info_file} cannot be read as JSON ({err}); fix or remove it"
+        ) from err
+    if isinstance(info, list):
+        info = {"class_names": info}
+    names = info.get("class_names") if isinstance(info, dict) else None
+    resize = info.get("resize", DEFAULT_RESIZE) if isinstance(info, dict) else None
+    bad_names = names is not None and (
+        not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+    )
+    if bad_names or resize not in RESIZE_MODES:
+        raise PipelineError(
+            f'{info_file} must hold a list of class names, or {{"class_names": [...], '
+            f'"resize": {"|".join(RESIZE_MODES)}}}; got {str(info)[:200]}'
+        )
+    return info
 
 
 def _run_max_pixels(run_dir: Path) -> int:
@@ -182,8 +213,17 @@ def _keras_predictor(
 def _saved_model_predictor(path: Path, max_pixels: int) -> Predictor:
     import tensorflow as tf
 
+    if not (path / "variables").is_dir():
+        raise PipelineError(
+            f"{path} is a SavedModel without its variables/ folder (an incomplete copy?); "
+            "copy the whole export folder, or export again with python -m pipeline.export"
+        )
     try:
         loaded = tf.saved_model.load(str(path))
+    except (OSError, ValueError, tf.errors.OpError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"{path} cannot be loaded as a SavedModel ({first[:300]})") from err
+    try:
         serve = loaded.signatures["serving_default"]
         class_names = [c.decode() for c in loaded.class_names.numpy()]
         image_size = int(loaded.image_size.numpy())
@@ -268,15 +308,21 @@ def check_header(path: str, max_pixels: int) -> str | None:
     return None
 
 
-def read_image(path: str) -> np.ndarray:
+def read_image(path: str, *, size: int | None = None) -> np.ndarray:
     """Reads an image file as uint8 RGB ``[H, W, 3]``, decoded as training decodes it.
 
     A GIF gives its first frame; EXIF orientation is applied; 16-bit and CMYK
     images become 8-bit RGB.
+
+    Args:
+        path: the file.
+        size: the model's input side: a large image is reduced while decoding
+            (JPEG) or right after, to no less than twice it, as in training;
+            None: full size.
     """
     from pipeline.data.quarantine import decode_with_pil
 
-    return decode_with_pil(path)
+    return decode_with_pil(path, size)
 
 
 def predict(
@@ -334,7 +380,7 @@ def _classify(predictor: Predictor, rows: list[dict], max_pixels: int, top_k: in
         if row["error"]:
             continue
         try:
-            image = read_image(row["file"])
+            image = read_image(row["file"], size=predictor.image_size)
             images.append(resize_image(image, predictor.image_size, predictor.resize).numpy())
             batch.append(row)
         except Exception as err:  # Pillow raises many types for broken files
@@ -380,6 +426,42 @@ def format_rows(rows: list[dict], output_format: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_output(path: Path) -> None:
+    """Refuses an ``--output`` that cannot be written: a folder, a missing or read-only parent.
+
+    Raises:
+        PipelineError: naming the path and what to do.
+    """
+    if path.is_dir():
+        raise PipelineError(f"--output {path} is a folder; give a file name in it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise PipelineError(f"--output {path}: the folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise PipelineError(f"--output {path} cannot be written (permission denied)")
+
+
+def write_output(path: Path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it: whole or not at all.
+
+    Raises:
+        PipelineError: the write failed (a full disk, ...); ``path`` is left as it was.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise PipelineError(
+            f"--output {path} could not be written ({err.strerror or err}); nothing was "
+            "written there: free space or pick another place, then run again"
+        ) from err
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code."""
     parser = argparse.ArgumentParser(
@@ -415,6 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
+        if args.output:
+            check_output(Path(args.output))  # before any image is classified
         rows = predict(
             args.model,
             args.inputs,
@@ -424,14 +508,14 @@ def main(argv: list[str] | None = None) -> int:
             allow_unsafe_h5=args.allow_unsafe_h5,
             tta=args.tta,
         )
+        text = format_rows(rows, args.output_format)
+        if args.output:
+            write_output(Path(args.output), text)
+        else:
+            sys.stdout.write(text)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    text = format_rows(rows, args.output_format)
-    if args.output:
-        Path(args.output).write_text(text)
-    else:
-        sys.stdout.write(text)
     failed = sum(1 for r in rows if r["error"])
     if failed:
         print(f"{failed} of {len(rows)} inputs could not be classified", file=sys.stderr)

@@ -4,8 +4,10 @@
   archive's ``config.json``: a ``Lambda`` layer (arbitrary Python bytecode) is
   refused by name. Legacy full-model HDF5 files are refused unless the caller
   says it trusts them (``allow_unsafe=True``).
-- Every ``_target_`` in a job's config must name a class of an allowlisted
-  module (``ALLOWED_TARGET_PREFIXES``) before anything is instantiated.
+- Every ``_target_`` in a config, wherever it sits, must name one of the
+  classes listed in ``ALLOWED_TARGETS`` (``HYDRA_TARGETS`` too under ``hydra:``)
+  before anything is instantiated: a list of classes, not of modules, so no
+  function of ours (or anyone's) can be called from a config.
 
 The artifacts' SHA-256 in a run's manifest, checked before loading, are
 ``pipeline.runs.hashes``. Nothing here imports TensorFlow or Keras until a
@@ -14,25 +16,64 @@ model is actually loaded.
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import json
 import zipfile
 from pathlib import Path
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, user_errors
 
 LEGACY_MODEL_SUFFIXES = (".h5", ".hdf5")
 WEIGHTS_SUFFIX = ".weights.h5"  # Keras weight files: tensors only, no code
 UNSAFE_LAYERS = ("Lambda",)  # layers whose config carries Python bytecode
-ALLOWED_TARGET_PREFIXES = (
-    "keras.optimizers.",
-    "keras.losses.",
-    "keras.callbacks.",
-    "keras.metrics.",
-    "keras.optimizers.schedules.",
-    "pipeline.",
+ALLOWED_TARGETS = frozenset(  # what a job's config may instantiate: classes, named in full
+    {
+        # optimizers (conf/optimizer/*.yaml; pipeline.config.optimizer_factory)
+        "keras.optimizers.SGD",
+        "keras.optimizers.Adam",
+        "keras.optimizers.AdamW",
+        "keras.optimizers.Nadam",
+        "keras.optimizers.RMSprop",
+        "keras.optimizers.Lion",
+        "pipeline.training.optimizers.SGD",
+        # learning-rate schedules
+        "pipeline.training.schedules.WarmupSchedule",
+        "keras.optimizers.schedules.CosineDecay",
+        "keras.optimizers.schedules.ExponentialDecay",
+        "keras.optimizers.schedules.PiecewiseConstantDecay",
+        # losses and metrics
+        "keras.losses.CategoricalCrossentropy",
+        "keras.losses.SparseCategoricalCrossentropy",
+        "keras.metrics.CategoricalAccuracy",
+        "keras.metrics.SparseCategoricalAccuracy",
+        "keras.metrics.SparseTopKCategoricalAccuracy",
+        # callbacks that write no files (ModelCheckpoint, CSVLogger, ... take a path)
+        "keras.callbacks.EarlyStopping",
+        "keras.callbacks.ReduceLROnPlateau",
+        "keras.callbacks.TerminateOnNaN",
+    }
+)
+HYDRA_TARGETS = frozenset(  # what Hydra itself instantiates from ``hydra:`` (conf/launcher, ...)
+    {
+        "hydra._internal.core_plugins.basic_launcher.BasicLauncher",
+        "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+        "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+        "hydra_plugins.pipeline_sweep_launcher.SurvivingJoblibLauncher",
+        "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+        "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+        "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+        "optuna.samplers.TPESampler",
+        "optuna.samplers.RandomSampler",
+        "optuna.samplers.CmaEsSampler",
+        "optuna.samplers.NSGAIISampler",
+        "optuna.samplers.MOTPESampler",
+        "optuna.samplers.GridSampler",
+        "pipeline.runs.sweep.SweepSummary",
+        "pipeline.runs.rundir.RunDirGuard",
+    }
 )
 TARGET_KEY = "_target_"
+MAX_CONFIG_DEPTH = 100  # levels of nesting: deeper is an interpolation loop, not a config
 
 
 def unsafe_layers(config) -> list[str]:
@@ -114,77 +155,93 @@ def _check_keras_archive(path: Path) -> None:
         )
 
 
-def check_targets(cfg, *, skip: tuple[str, ...] = ("hydra",)) -> None:
-    """Refuses any ``_target_`` outside ``ALLOWED_TARGET_PREFIXES``, before anything runs.
+def check_targets(cfg) -> None:
+    """Refuses any ``_target_`` not in ``ALLOWED_TARGETS``, before anything runs.
 
-    A target must be ``<allowed module>.<Name>``: one public attribute of an
-    allowlisted Keras module, or of a real ``pipeline`` module (so
-    ``pipeline.runs.manifest.subprocess.run`` is refused). Interpolations are
-    resolved first; one that cannot be resolved is refused.
+    Every mapping in the tree that holds a ``_target_`` is checked, wherever it
+    sits (``hydra.utils.instantiate`` builds nested ones too), with
+    interpolations resolved first: a value that only becomes a mapping when
+    resolved (``${oc.create:...}``) is checked as that mapping. A target that
+    cannot be resolved is judged as written. Under the top-level ``hydra`` key
+    Hydra's own launchers, sweepers and callbacks (``HYDRA_TARGETS``) are allowed
+    as well.
 
     Args:
-        cfg: a ``DictConfig`` or plain dict/list tree (a job's composed config).
-        skip: top-level keys that are Hydra's own business (sweepers, launchers).
+        cfg: a ``DictConfig`` or plain dict/list tree (a job's composed config, or a
+            run's saved ``.hydra/config.yaml``).
 
     Raises:
         PipelineError: naming the key, the target and what is allowed.
     """
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    is_omegaconf = isinstance(cfg, DictConfig | ListConfig)
-    tree = OmegaConf.to_container(cfg, resolve=False) if is_omegaconf else cfg
-    for key_path, raw in _targets(tree, (), skip):
-        value = raw
-        if is_omegaconf:
-            try:
-                value = OmegaConf.select(cfg, ".".join(map(str, key_path)), throw_on_missing=True)
-            except Exception:  # an interpolation that does not resolve: judged as written
-                value = raw
-        where = ".".join(map(str, key_path))
-        if not isinstance(value, str) or not _allowed_target(value):
+    for key_path, value in _targets(cfg, ()):
+        allowed = ALLOWED_TARGETS | HYDRA_TARGETS if key_path[0] == "hydra" else ALLOWED_TARGETS
+        if not isinstance(value, str) or value not in allowed:
+            where = ".".join(map(str, key_path))
             raise PipelineError(
-                f"{where}={value!r} is not allowed: the pipeline instantiates only classes of "
-                f"{', '.join(p.rstrip('.') for p in ALLOWED_TARGET_PREFIXES)} (e.g. "
-                "keras.optimizers.SGD). Fix the config; nothing was run."
+                f"{where}={value!r} is not allowed: a config may instantiate only the classes "
+                "in pipeline.security.ALLOWED_TARGETS (Keras optimizers such as "
+                "keras.optimizers.SGD, schedules, losses, metrics, callbacks). Fix the config; "
+                "nothing was run."
             )
 
 
-def _targets(node, key_path: tuple, skip: tuple[str, ...]):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if not key_path and key in skip:
-                continue
+@contextlib.contextmanager
+def targets_checked_before_hydra():
+    """Within it, Hydra checks a composed config's ``_target_``s before it instantiates any.
+
+    Hydra builds ``hydra.callbacks`` (and in a multirun the sweeper and the
+    launcher) from the composed config before a command's own code runs, so a
+    config file could otherwise run a function through them. Hydra makes its
+    ``Callbacks`` from the whole composed config right after composing it, in
+    ``run`` and ``multirun`` alike: ``check_targets`` runs there, ``hydra:``
+    included. A refusal is one ``error:`` line and exit code 2.
+    """
+    from hydra._internal import hydra as hydra_app
+
+    original = hydra_app.Callbacks
+
+    def checked(config=None):
+        if config is not None:
+            with user_errors():
+                check_targets(config)
+        return original(config)  # Hydra's own class: it pickles for joblib's job processes
+
+    hydra_app.Callbacks = checked
+    try:
+        yield
+    finally:
+        hydra_app.Callbacks = original
+
+
+def _targets(node, key_path: tuple):
+    """``(key path, target)`` of every ``_target_`` under ``node``, resolved where it can be."""
+    from omegaconf import DictConfig, ListConfig
+
+    if len(key_path) > MAX_CONFIG_DEPTH:
+        raise PipelineError(
+            f"{'.'.join(map(str, key_path[:8]))}... is nested over {MAX_CONFIG_DEPTH} levels "
+            "deep (an interpolation that refers to itself?). Fix the config; nothing was run."
+        )
+    if isinstance(node, DictConfig | dict):
+        for key in list(node.keys()):
+            value = _resolved(node, key)
             if key == TARGET_KEY:
                 yield (*key_path, key), value
             else:
-                yield from _targets(value, (*key_path, key), skip)
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _targets(value, (*key_path, i), skip)
+                yield from _targets(value, (*key_path, key))
+    elif isinstance(node, ListConfig | list):
+        for i in range(len(node)):
+            yield from _targets(_resolved(node, i), (*key_path, i))
 
 
-def _allowed_target(target: str) -> bool:
-    for prefix in sorted(ALLOWED_TARGET_PREFIXES, key=len, reverse=True):
-        if not target.startswith(prefix):
-            continue
-        rest = target[len(prefix) :]
-        if prefix != "pipeline.":
-            return _public_name(rest)
-        module, _, attribute = target.rpartition(".")
-        return (
-            _public_name(attribute)
-            and all(map(_public_name, module.split(".")))
-            and (_is_pipeline_module(module))
-        )
-    return False
+def _resolved(node, key):
+    """``node[key]`` with interpolations resolved; as written where they do not resolve."""
+    from omegaconf import DictConfig, ListConfig
 
-
-def _public_name(name: str) -> bool:
-    return name.isidentifier() and not name.startswith("_")
-
-
-def _is_pipeline_module(module: str) -> bool:
+    if not isinstance(node, DictConfig | ListConfig):
+        return node[key]
     try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+        return node[key]
+    except Exception:  # a missing value or an interpolation that does not resolve here
+        child = node._get_node(key)
+        return child._value() if child is not None else None

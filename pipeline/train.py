@@ -10,6 +10,8 @@ known to be good.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import math
 import os
@@ -17,16 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import config
-from pipeline.config import CONF_DIR
-from pipeline.data.sources import get_source, source_options
-from pipeline.errors import PipelineError
-from pipeline.runs import hparams, sweep
+from pipeline.data.sources import get_source
+from pipeline.errors import PipelineError, carried_user_error
+from pipeline.runs import hparams, rundir, sweep
 
 log = logging.getLogger("pipeline.train")
+DISK_FULL = "No space left on device"  # h5py's OSErrors carry no errno, only this text
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
@@ -49,31 +50,76 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         raise PipelineError(
             f"data={cfg.data.source} is for `python -m pipeline.bench` only; pick real data"
         )
-    run_dir = config.prepare_run_dir(cfg, run_dir)
+    run_dir = config.prepare_run_dir(cfg, run_dir).absolute()  # hashes take relative paths
     devices, plan, strategy = config.setup_training(cfg)
     shared_dir = run_dir  # every worker resumes from the backups here (the chief's)
     if plan.strategy == "multi_worker":  # only the chief writes the run; the others a temp dir
         from pipeline.training import distributed
 
         run_dir = config.prepare_run_dir(cfg, distributed.worker_run_dir(run_dir))
-    machine = _machine_report(cfg, devices, plan)
-    source, bundle = _load_data(cfg, run_dir)
-    build_model, build_optimizer, peak_lr = config.model_factories(cfg, bundle)
-    result = _fit(
-        cfg, strategy, plan, (build_model, build_optimizer), bundle, source, run_dir, shared_dir
-    )
-    result.model.save(run_dir / "model.keras")
-    metrics = {
-        **result.metrics,
-        "backend": cfg.get("backend", "tensorflow"),
-        "peak_lr": peak_lr,
-        "wall_time_s": time.perf_counter() - started,
-    }
-    _write_records(cfg, run_dir, result, metrics, (devices, plan, machine), source, bundle)
-    _export(cfg, run_dir, metrics)
-    hparams.log_run(run_dir, config.hparams_of(cfg), metrics)
+    with rundir.locked(run_dir), _full_disk_is_one_line(shared_dir):
+        machine = _machine_report(cfg, devices, plan)
+        source, bundle = _load_data(cfg, run_dir)
+        build_model, build_optimizer, peak_lr = config.model_factories(cfg, bundle)
+        result = _fit(
+            cfg, strategy, plan, (build_model, build_optimizer), bundle, source, run_dir, shared_dir
+        )
+        metrics = {
+            **result.metrics,
+            "backend": cfg.get("backend", "tensorflow"),
+            "peak_lr": peak_lr,
+            "wall_time_s": time.perf_counter() - started,
+        }
+        _finish(cfg, run_dir, result, metrics, (devices, plan, machine), (source, bundle))
     _print_summary(metrics, run_dir)
     return metrics
+
+
+def _finish(cfg: DictConfig, run_dir: Path, result, metrics: dict, machine_info, data) -> None:
+    """What a run does after training, each step safe to redo (``resume=`` redoes them all).
+
+    ``model.keras``, history, manifest and hashes, exports, HParams, and
+    ``metrics.json`` last: it marks the run finished (``pipeline.runs.target.FINISHED``).
+    """
+    from pipeline.runs import manifest
+    from pipeline.training.callbacks import kill_point
+
+    kill_point("save")
+    _save_model(result.model, run_dir / "model.keras")
+    kill_point("records")
+    _write_records(cfg, run_dir, result, machine_info, *data)
+    kill_point("export")
+    _export(cfg, run_dir, metrics)
+    hparams.log_run(run_dir, config.hparams_of(cfg), metrics)
+    manifest.write_json(run_dir / "metrics.json", metrics)
+
+
+def _save_model(model, path: Path) -> None:
+    """Saves ``model`` to a temporary ``.keras`` file, then renames it: never half a file."""
+    tmp = path.with_name(f".{os.getpid()}.{path.name}")  # Keras wants the .keras suffix
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _full_disk_is_one_line(run_dir: Path):
+    """A full disk stops the run with one line naming the file and the backup to resume from."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) and DISK_FULL not in str(err):
+            raise
+        from pipeline.training import backups
+
+        newest = backups.backups(run_dir / backups.BACKUP_DIR)
+        kept = (
+            f"the last backup, {newest[0]}, is whole: free some space and resume with "
+            f"`python -m pipeline.train resume={run_dir}`"
+            if newest
+            else "no backup was made yet"
+        )
+        where = err.filename or f"a file under {run_dir}"
+        raise PipelineError(f"the disk is full: writing {where} failed; {kept}.") from err
 
 
 def _machine_report(cfg: DictConfig, devices, plan) -> dict:
@@ -102,9 +148,11 @@ def _load_data(cfg: DictConfig, run_dir: Path):
     from pipeline import data
     from pipeline.runs import manifest
 
+    options, cache_dir = config.data_options(cfg)
     source = data.load_source(
-        cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **source_options(cfg.data)
+        cfg.data.source, image_size=cfg.data.image_size, seed=cfg.seed, **options
     )
+    config.check_training_split(cfg, train_count=source.train.count, class_names=source.class_names)
     scan_report = source.details.pop("scan", None)
     if scan_report is not None:
         manifest.write_json(run_dir / "scan_report.json", scan_report)
@@ -113,7 +161,7 @@ def _load_data(cfg: DictConfig, run_dir: Path):
         source,
         batch_size=cfg.data.batch_size,
         seed=cfg.seed,
-        stats_cache_dir=cfg.data.get("cache_dir"),
+        stats_cache_dir=cache_dir,
         **aug,
     )
     manifest.write_json(run_dir / "stats.json", bundle.stats)
@@ -157,6 +205,7 @@ def _fit(
         backup_every_steps=t.get("backup_every_steps"),
         restore_dir=shared_dir / "backup",
         signature=target.signature(cfg, bundle, source),
+        finished=(shared_dir / target.FINISHED).exists(),
     )
     reports = loop.ReportSettings(
         verbose=t.verbose,
@@ -177,14 +226,11 @@ def _fit(
     )
 
 
-def _write_records(
-    cfg: DictConfig, run_dir: Path, result, metrics: dict, machine_info, source, bundle
-):
-    """metrics.json, history.json, the manifest and the artifact hashes."""
+def _write_records(cfg: DictConfig, run_dir: Path, result, machine_info, source, bundle):
+    """history.json, the manifest and the artifact hashes."""
     from pipeline.runs import hashes, manifest
 
     devices, plan, machine = machine_info
-    manifest.write_json(run_dir / "metrics.json", metrics)
     manifest.write_json(run_dir / "history.json", result.history)
     manifest.write_json(
         run_dir / "manifest.json",
@@ -215,7 +261,7 @@ def _write_records(
 
 
 def _export(cfg: DictConfig, run_dir: Path, metrics: dict) -> None:
-    """The ``export.formats`` the run asked for, with their parity in metrics.json."""
+    """The ``export.formats`` the run asked for; their parity goes into ``metrics``."""
     if not cfg.export.formats:
         return
     if cfg.get("backend", "tensorflow") != "tensorflow":
@@ -227,7 +273,6 @@ def _export(cfg: DictConfig, run_dir: Path, metrics: dict) -> None:
         )
         return
     from pipeline import exporting
-    from pipeline.runs import manifest
 
     parity = exporting.export_run(
         run_dir, formats=list(cfg.export.formats), tta=cfg.export.get("tta", "none")
@@ -235,7 +280,6 @@ def _export(cfg: DictConfig, run_dir: Path, metrics: dict) -> None:
     metrics["export_max_abs_diff"] = max(
         (f["max_abs_diff"] for f in parity.get("formats", {}).values()), default=0.0
     )
-    manifest.write_json(run_dir / "metrics.json", metrics)
 
 
 def _print_summary(metrics: dict, run_dir: Path) -> None:
@@ -300,7 +344,10 @@ def _objective(metrics: dict, metric: str) -> float:
     return float(metrics[metric])
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+rundir.register_resolvers()  # hydra.run.dir's ${run_id:}, before @hydra.main composes
+
+
+@config.hydra_main("config")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the objective (``objective.metric``) for sweepers.
 
@@ -328,9 +375,10 @@ def main(cfg: DictConfig) -> float:
         if in_sweep and not cfg.sweep.fail_fast:
             sweep.record_failure(job_dir, err)
             return sweep.worst_value(direction)
-        if not isinstance(err, PipelineError):
+        user_error = carried_user_error(err)  # also one raised inside tf.data (a vanished file)
+        if user_error is None:
             raise
-        _exit(err)
+        _exit(user_error)
 
 
 def _resume_target(cfg: DictConfig) -> tuple[Path, DictConfig]:
@@ -352,4 +400,8 @@ def _exit(err: PipelineError) -> None:
 
 
 if __name__ == "__main__":
+    from pipeline.errors import user_errors
+
+    with user_errors():  # Hydra's own message for trainer.epoch=3 suggests +trainer.epoch=3
+        config.check_overrides(sys.argv[1:])
     main()

@@ -144,15 +144,14 @@ def run_test_split(run_dir: Path, folder: Path, size: int):
     """A finished folder run's test split rebuilt from its manifest: float32 images, labels."""
     import json
 
-    import tensorflow as tf
-
+    from pipeline.data.quarantine import decode_with_pil
     from pipeline.data.sources import resize_image
 
     manifest = json.loads((Path(run_dir) / "manifest.json").read_text())
     names = manifest["data"]["class_names"]
     images, labels = [], []
     for rel in manifest["data"]["splits"]["test"]:
-        raw = tf.io.decode_image(tf.io.read_file(str(folder / rel)), 3, expand_animations=False)
+        raw = decode_with_pil(str(folder / rel), size)  # the pipeline's one decoder
         images.append(resize_image(raw, size, "crop").numpy())
         labels.append(names.index(rel.split("/")[0]))
     return np.stack(images).astype("float32"), np.array(labels)

@@ -122,3 +122,85 @@ def test_fast_recipes_are_one_cycle(name):
     cfg = compose([f"experiment={name}"])
     assert cfg.schedule.name == "linear" and cfg.schedule.warmup_epochs >= 1
     assert cfg.optimizer.nesterov and cfg.trainer.epochs <= 30
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("optimizer.lr=nan", "optimizer.lr must be > 0 and finite, got nan"),
+        ("optimizer.lr=inf", "optimizer.lr must be > 0 and finite, got inf"),
+        ("data.val_fraction=1.0", "data.val_fraction must be in [0, 1), got 1.0"),
+        ("data.test_fraction=-0.1", "data.test_fraction must be in [0, 1), got -0.1"),
+        ("trainer.checkpoint_monitor=val_acc", "trainer.checkpoint_monitor must be one of"),
+        ("trainer.steps_per_execution=0", "trainer.steps_per_execution must be >= 1, got 0"),
+    ],
+)
+def test_values_that_cannot_train_are_refused(override, message):
+    with pytest.raises(PipelineError, match=re.escape(message)) as err:
+        check_config(compose([override]))
+    assert override.split("=")[1] in str(err.value)
+
+
+def test_split_fractions_must_leave_training_images():
+    with pytest.raises(PipelineError, match="leaves no training images") as err:
+        check_config(compose(["data.val_fraction=0.5", "data.test_fraction=0.5"]))
+    assert "data.val_fraction=0.5" in str(err.value) and "data.test_fraction=0.5" in str(err.value)
+    check_config(compose(["data.val_fraction=0.0", "data.test_fraction=0.5"]))  # fine
+
+
+@pytest.mark.parametrize(
+    ("override", "closest"),
+    [
+        ("+trainer.epoch=3", "trainer.epochs"),
+        ("+data.batchsize=8", "data.batch_size"),
+        ("+model.widht=8", "model.width"),
+        ("+optimizer.lrr=0.1", "optimizer.lr"),
+        ("+augment.crop_pading=2", "augment.crop_padding"),
+        ("+schedule.warmup_epoch=2", "schedule.warmup_epochs"),
+        ("+trainer.early_stopping.patiense=3", "trainer.early_stopping.patience"),
+        ("+export.format=[keras]", "export.formats"),
+    ],
+)
+def test_unknown_keys_are_refused_with_the_closest_one(override, closest):
+    with pytest.raises(PipelineError, match="is not a key of") as err:
+        check_config(compose([override]))
+    key = override.lstrip("+").split("=")[0]
+    assert str(err.value).startswith(f"{key}=") and f"did you mean {closest}?" in str(err.value)
+
+
+def test_a_key_of_another_option_is_refused():
+    # data.path belongs to data=folder: with the digits source it would be ignored
+    with pytest.raises(PipelineError, match=r"data.path='/x' is not a key of data with source=dig"):
+        check_config(compose(["+data.path=/x"]))
+    with pytest.raises(PipelineError, match="optimizer.momentum=0.5 is not a key of optimizer"):
+        check_config(compose(["optimizer=adam", "+optimizer.momentum=0.5"]))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "+optimizer.clipnorm=1.0",  # a Keras optimizer argument left at its default
+        "+schedule.warmup_fraction=0.1",  # read for every schedule kind
+        "trainer.lookahead={every:5,base:0.95,power:3}",  # free-form sections
+        "+trainer.freeze_after.conv1=2",
+        "augment.randaugment={num_ops:1,factor:0.3}",
+    ],
+)
+def test_keys_the_package_reads_are_accepted(override):
+    check_config(compose([override]))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("+trainer.epoch=3", "did you mean trainer.epochs?"),
+        ("trainer.epoch=3", "did you mean trainer.epochs?"),  # Hydra's own refusal, reworded
+        ("optimizer.lr=nan", "optimizer.lr must be > 0 and finite, got nan"),
+    ],
+)
+def test_refusals_exit_with_code_2_and_one_line(override, expected, tmp_path):
+    proc = _run_cli(override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and expected in errors[0]
+    assert "Traceback" not in proc.stderr and "+trainer.epoch=3" not in proc.stderr

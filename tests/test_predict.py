@@ -133,3 +133,52 @@ def test_help_is_fast_and_leaves_tensorflow_alone():
         timeout=60,
     )
     assert proc.returncode == 0 and "MODEL" in proc.stdout and "--top-k" in proc.stdout
+
+
+@pytest.mark.parametrize("where", ["folder", "missing_parent"])
+def test_bad_output_is_refused_before_any_image_is_read(where, tmp_path, mixed_folder, capsys):
+    out = tmp_path if where == "folder" else tmp_path / "no" / "such" / "rows.json"
+    # MODEL is bad too: the --output error coming first shows nothing was loaded or read
+    assert main([str(tmp_path / "no_model"), str(mixed_folder), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output ") and str(out) in err and len(err.splitlines()) == 1
+    assert ("is a folder" if where == "folder" else "does not exist") in err
+
+
+def test_full_disk_on_output_leaves_the_old_file_whole(tiny_run, mixed_folder, tmp_path, capsys):
+    import errno
+
+    out = tmp_path / "rows.csv"
+    out.write_text("earlier results\n")
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("pipeline.predict.os.fsync", full)
+        code = main([str(tiny_run), str(mixed_folder / "a.png"), "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and str(out) in err
+    assert out.read_text() == "earlier results\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv"]  # no temporary file left
+
+
+def test_saved_model_without_variables_is_one_line(tiny_run, mixed_folder, tmp_path, capsys):
+    import shutil
+
+    copy = shutil.copytree(tiny_run / "export" / "saved_model", tmp_path / "saved_model")
+    shutil.rmtree(copy / "variables")
+    assert main([str(copy), str(mixed_folder / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "variables/" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"class_names": "cat"}', "[1, 2, 3]", "42"])
+def test_malformed_class_names_json_is_one_line(tiny_run, mixed_folder, tmp_path, content, capsys):
+    import shutil
+
+    model = shutil.copy(tiny_run / "export" / "model.keras", tmp_path / "model.keras")
+    (tmp_path / "class_names.json").write_text(content)
+    assert main([str(model), str(mixed_folder / "a.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "class_names.json" in err and len(err.splitlines()) == 1

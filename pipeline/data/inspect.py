@@ -29,11 +29,10 @@ import os
 from collections import Counter
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config import CONF_DIR, check_config, prepare_run_dir
+from pipeline.config import check_config, hydra_main, prepare_run_dir
 from pipeline.errors import PipelineError, user_errors
 
 log = logging.getLogger("pipeline.data.inspect")
@@ -342,7 +341,7 @@ def _sizes_line(sizes: dict, image_size: int) -> str:
     return f"{line}; {sizes['smaller_than_image_size']} smaller than {image_size} px"
 
 
-@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+@hydra_main("config")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: the data keys of ``conf/config.yaml``."""
     with user_errors(log):

@@ -5,19 +5,27 @@ are not images, unsupported formats, truncated or corrupt data, images too
 small or too large (refused from the header, without decoding), exact
 duplicates within a class and the same image under two classes. Odd but good
 images (grayscale, RGBA, palette, CMYK, 16-bit, animated, EXIF-rotated) are
-kept and counted; they are decoded to 8-bit RGB. Results are cached per file
-by (path, size, mtime) under ``data/scans/``, so a second scan costs little.
-Files are only read. The command is ``python -m pipeline.data.scan``.
+kept and counted; they are decoded to 8-bit RGB by :func:`decode_with_pil`,
+the one decoder training, evaluation and predict use too, so what the scan
+accepts decodes the same everywhere. Results are cached per file by (path,
+size, mtime, ctime, inode) under ``data/scans/``: a file replaced by another of
+the same size with its mtime restored changes its ctime and is scanned again.
+Full-size decodes share a memory budget (:data:`DECODE_MEMORY_BYTES`): threads
+wait rather than decode more at once than it holds. Files are only read. The
+command is ``python -m pipeline.data.scan``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import sys
+import threading
 import time
+import unicodedata
 import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +38,19 @@ from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-SCAN_VERSION = 1  # bump when per-file results change meaning: old caches are ignored
-SUPPORTED_FORMATS = ("JPEG", "PNG", "BMP", "GIF")
+SCAN_VERSION = 2  # bump when per-file results change meaning: old caches are ignored
+# MPO: the multi-picture JPEG that many phones and cameras write (its first picture is used)
+SUPPORTED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF")
+# Full-size decodes held in memory at once, over all threads (bytes): at most this,
+# and at most a quarter of the memory available when first needed. One image
+# larger than the budget is decoded alone.
+DECODE_MEMORY_BYTES = 1 << 30
+BYTES_PER_DECODED_PIXEL = 8  # Pillow's 4-byte pixels, plus one converted copy
+HASH_ROWS = 256  # rows hashed at a time: no full-size copy of the pixels for the hash
+TRIM_AFTER_BYTES = 64 << 20  # after a decode this large, hand freed memory back to the system
 # Conversions TensorFlow's own decoders do not make (EXIF orientation) or cannot
-# (palette/16-bit BMPs): such files are decoded with Pillow instead.
+# (palette BMPs): ScanResult.good flags such files. The package decodes every file
+# with Pillow (decode_with_pil); the flag is for callers with other decoders.
 PIL_CONVERSIONS = {"exif-rotated", "bmp-non-rgb"}
 EXIF_ORIENTATION = 0x0112
 
@@ -90,6 +107,90 @@ class ScanResult:
         }
 
 
+class DecodeBudget:
+    """Bytes of decoded pixels the process may hold at once; callers wait for room.
+
+    Args:
+        total: the budget in bytes. A request larger than all of it waits until
+            nothing else is held, then runs alone.
+    """
+
+    def __init__(self, total: int):
+        if total < 1:
+            raise ValueError(f"total must be >= 1 byte, got {total}")
+        self.total = total
+        self.used = 0
+        self._room = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int):
+        """Holds ``nbytes`` of the budget for the ``with`` block."""
+        nbytes = max(0, min(int(nbytes), self.total))
+        with self._room:
+            self._room.wait_for(lambda: self.used + nbytes <= self.total)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= nbytes
+                self._room.notify_all()
+            if nbytes >= TRIM_AFTER_BYTES:
+                _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Asks glibc to give freed heap memory back to the system (a no-op elsewhere).
+
+    Pillow allocates a large image in 16 MiB blocks, which glibc serves from each
+    thread's own heap once its mmap threshold has grown; freed, they stay in that
+    heap, so N scanning threads would keep N full-size images resident.
+    """
+    import ctypes
+
+    with contextlib.suppress(AttributeError, OSError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+_BUDGET: list[DecodeBudget] = []  # the process's one budget, made on first use
+_BUDGET_LOCK = threading.Lock()
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def decode_budget() -> DecodeBudget:
+    """The process's decode budget: ``DECODE_MEMORY_BYTES``, at most a quarter of free memory."""
+    with _BUDGET_LOCK:
+        if not _BUDGET:
+            available = _available_memory()
+            limit = DECODE_MEMORY_BYTES if available is None else available // 4
+            _BUDGET.append(DecodeBudget(max(64 << 20, min(DECODE_MEMORY_BYTES, limit))))
+        return _BUDGET[0]
+
+
+def _pixel_hash(image, mode: str) -> str:
+    """A hash of a loaded image's pixels, mode and size, hashed in strips of rows."""
+    digest = hashlib.blake2b(digest_size=16)
+    width, height = image.size
+    for top in range(0, height, HASH_ROWS):  # = hashing image.tobytes(), without its copy
+        digest.update(image.crop((0, top, width, min(height, top + HASH_ROWS))).tobytes())
+    digest.update(f"{mode}{image.size}".encode())
+    return digest.hexdigest()
+
+
 def _png_bit_depth(path: str) -> int:
     with open(path, "rb") as f:
         header = f.read(25)
@@ -137,23 +238,23 @@ def inspect_file(path: str, *, max_pixels: int) -> dict:
             )
         conversions = _header_conversions(image, path)
         mode = image.mode  # before loading, which can change it (GIF frames)
-        try:
-            image.seek(0)
-            image.load()
-            # PNG can keep EXIF after the pixels: read it once they are loaded
-            if image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
-                conversions.append("exif-rotated")
-        except Exception as err:  # truncated or corrupt data
-            return bad("corrupt or truncated", f"{type(err).__name__}: {err}", **facts)
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16)
-        digest.update(f"{mode}{image.size}".encode())
+        with decode_budget().hold(BYTES_PER_DECODED_PIXEL * width * height):
+            try:
+                image.seek(0)
+                image.load()
+                # PNG can keep EXIF after the pixels: read it once they are loaded
+                if image.getexif().get(EXIF_ORIENTATION, 1) not in (1, None):
+                    conversions.append("exif-rotated")
+            except Exception as err:  # truncated or corrupt data
+                return bad("corrupt or truncated", f"{type(err).__name__}: {err}", **facts)
+            digest = _pixel_hash(image, mode)
     return {
         "ok": True,
         "reason": None,
         "detail": "",
         **facts,
         "conversions": conversions,
-        "hash": digest.hexdigest(),
+        "hash": digest,
     }
 
 
@@ -161,7 +262,7 @@ def _header_conversions(image, path: str) -> list[str]:
     """What decoding an opened Pillow image to 8-bit RGB will convert, from its header."""
     conversions = []
     if getattr(image, "n_frames", 1) > 1:  # counting frames seeks: read the mode after
-        conversions.append("animated")
+        conversions.append("multi-picture" if image.format == "MPO" else "animated")
     fmt, mode = image.format, image.mode
     if mode in ("L", "1", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
         conversions.append("grayscale")
@@ -178,19 +279,57 @@ def _header_conversions(image, path: str) -> list[str]:
     return conversions
 
 
-def decode_with_pil(path: str) -> np.ndarray:
-    """Decodes any supported image to 8-bit RGB ``[H, W, 3]``, EXIF orientation applied."""
+def decode_with_pil(path: str, size: int | None = None) -> np.ndarray:
+    """Decodes any supported image to 8-bit RGB ``[H, W, 3]``, EXIF orientation applied.
+
+    The package's one image decoder: the scan accepts what it decodes, and
+    training, evaluation and predict decode with it, so a file the scan passed
+    decodes to the same pixels everywhere. The full-size decode holds its share
+    of :func:`decode_budget` while it runs.
+
+    Args:
+        path: the file.
+        size: the side the image will be resized to; None decodes at full size.
+            Otherwise the image is reduced while decoding where the format
+            allows (JPEG's DCT scaling), then by a whole factor, keeping both
+            sides at least ``2 * size``: a 9000x9000 image never reaches the
+            resize at full size.
+    """
     from PIL import Image, ImageOps
 
+    keep = None if size is None else 2 * int(size)
     with Image.open(path) as image:
-        image.seek(0)  # first frame of an animation
-        image = ImageOps.exif_transpose(image)
-        if image.mode.startswith("I") or image.mode == "F":
-            pixels = np.asarray(image).astype(np.float64)
-            peak = 65535.0 if pixels.max() > 255 or image.mode.startswith("I;16") else 255.0
-            grey = np.clip(np.round(pixels * 255.0 / peak), 0, 255).astype(np.uint8)
-            return np.repeat(grey[..., None], 3, axis=-1)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        image.seek(0)  # first frame of an animation, first picture of an MPO
+        if keep and image.format in ("JPEG", "MPO"):
+            image.draft(None, (keep, keep))  # decodes at 1/2, 1/4 or 1/8 scale when it can
+        sixteen = image.mode.startswith("I;16")
+        width, height = image.size
+        with decode_budget().hold(BYTES_PER_DECODED_PIXEL * width * height):
+            image.load()
+            image = ImageOps.exif_transpose(_reduced(image, keep))
+            return _rgb8(image, sixteen)
+
+
+def _reduced(image, keep: int | None):
+    """The loaded image shrunk by the largest whole factor that keeps both sides >= ``keep``."""
+    factor = 1 if keep is None else min(image.size) // keep
+    if factor < 2:
+        return image
+    if image.mode.startswith("I;16"):
+        image = image.convert("I")  # same values, in a mode Pillow can reduce
+    elif image.mode not in ("L", "LA", "RGB", "RGBA", "I", "F"):
+        image = image.convert("RGB")  # palette, CMYK, 1-bit: as the final conversion would
+    return image.reduce(factor)
+
+
+def _rgb8(image, sixteen: bool) -> np.ndarray:
+    """A Pillow image as 8-bit RGB: 16-bit and float grey scaled to 0..255, alpha dropped."""
+    if image.mode.startswith("I") or image.mode == "F":
+        pixels = np.asarray(image).astype(np.float64)
+        peak = 65535.0 if pixels.max() > 255 or sixteen else 255.0
+        grey = np.clip(np.round(pixels * 255.0 / peak), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def list_class_files(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -201,6 +340,13 @@ def list_class_files(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
             "holding one subfolder of images per class."
         )
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unprintable = [name for name in classes if _has_control_characters(name)]
+    if unprintable:
+        raise PipelineError(
+            f"class folder name(s) {', '.join(repr(n) for n in unprintable)} under "
+            f"{str(root)!r} hold a newline or other control character, which would garble "
+            "logs, reports and class_names.json. Rename the folder(s)."
+        )
     if not classes:
         raise PipelineError(
             f"{str(root)!r} has no class subfolders. Expected {root}/<class_name>/<image files>."
@@ -212,6 +358,10 @@ def list_class_files(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
             if p.is_file() and not hidden:
                 files.append((str(p), label))
     return classes, files
+
+
+def _has_control_characters(name: str) -> bool:
+    return any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name)  # \n, \t, \x1b...
 
 
 def _cache_path(cache_dir: str | os.PathLike, root: Path) -> Path:
@@ -275,14 +425,10 @@ def scan_folder(
     for path, _ in files:
         rel = os.path.relpath(path, root)
         st = os.stat(path)
-        hit = cache.get(rel)
-        if hit and hit["size"] == st.st_size and hit["mtime_ns"] == st.st_mtime_ns:
-            reuse = hit["result"]
-            # a file refused as too large under a smaller max_pixels was never decoded
-            refused = reuse.get("reason") == "too large"
-            if not (refused and reuse["width"] * reuse["height"] <= max_pixels):
-                results[path] = reuse
-                continue
+        reuse = _cached_result(cache.get(rel), _file_key(st), max_pixels)
+        if reuse is not None:
+            results[path] = reuse
+            continue
         todo.append((path, rel, st))
     cached = len(results)
     if todo:
@@ -290,12 +436,38 @@ def scan_folder(
             scanned = pool.map(lambda item: inspect_file(item[0], max_pixels=max_pixels), todo)
             for i, ((path, rel, st), result) in enumerate(zip(todo, scanned, strict=True), 1):
                 results[path] = result
-                cache[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "result": result}
+                cache[rel] = {**_file_key(st), "result": result}
                 if progress:
                     _progress(cached + i, len(files), start)
         if cache_file:
             _save_cache(cache_file, root, cache)
     return _judge(root, class_names, files, results, min_size, max_pixels, start, cached)
+
+
+def _file_key(st: os.stat_result) -> dict:
+    """What says a file is unchanged: ctime changes even when a copy restores the mtime."""
+    return {
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+        "inode": st.st_ino,
+    }
+
+
+def _cached_result(hit, key: dict, max_pixels: int) -> dict | None:
+    """A cached per-file result still valid for this file and ``max_pixels``, else None."""
+    if not isinstance(hit, dict) or not isinstance(hit.get("result"), dict):
+        return None
+    if any(hit.get(k) != v for k, v in key.items()):
+        return None
+    result = hit["result"]
+    if not result.get("ok") and result.get("reason") == "too large":
+        # refused from its header, never decoded: scan it again if max_pixels now admits it.
+        # Pillow's own refusal (past twice its limit) records no size and stays refused.
+        width, height = result.get("width"), result.get("height")
+        if width is not None and height is not None and width * height <= max_pixels:
+            return None
+    return result
 
 
 def _judge(root, class_names, files, results, min_size, max_pixels, start, cached) -> ScanResult:

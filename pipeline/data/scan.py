@@ -18,12 +18,11 @@ from pipeline.errors import user_errors
 
 def main() -> None:
     """``python -m pipeline.data.scan data=folder data.path=...``: scan and report."""
-    import hydra
     from omegaconf import DictConfig
 
-    from pipeline.config import CONF_DIR
+    from pipeline.config import hydra_main
 
-    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    @hydra_main("config")
     def run(cfg: DictConfig) -> None:
         from hydra.core.hydra_config import HydraConfig
 

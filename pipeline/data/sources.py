@@ -28,7 +28,9 @@ if TYPE_CHECKING:  # TensorFlow is imported where a function needs it
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+UNREADABLE_AFTER_SCAN = "cannot read image file"  # starts the message of a file gone since the scan
 RESIZE_MODES = ("crop", "pad", "stretch")
+TFDS_DOWNLOAD_RETRIES = 3  # TFDS's own 10, with its backoff, wait ~3.5 minutes to say "offline"
 COMMON_DATA_KEYS = (  # data.* keys every source shares; the others are the loader's own
     "source",
     "image_size",
@@ -270,47 +272,65 @@ def load_digits(*, image_size: int, seed: int, test_fraction: float, val_fractio
     )
 
 
-def decode_file(path, use_pil) -> tf.Tensor:
-    """Decodes an image file to uint8 RGB ``[H, W, 3]``.
+def decode_file(path, size: int | None = None) -> tf.Tensor:
+    """Decodes an image file to uint8 RGB ``[H, W, 3]`` as the scan saw it.
+
+    Every file goes through ``quarantine.decode_with_pil``, the decoder the scan
+    checks files with (TensorFlow's own decoders refuse some files it accepts,
+    such as 16-bit BMPs, and apply no EXIF orientation).
 
     Args:
         path: string tensor.
-        use_pil: bool tensor: decode with Pillow (EXIF orientation, odd BMPs)
-            instead of TensorFlow's decoders; the scan decides per file.
+        size: the side the image is resized to next, so large images can be
+            reduced while decoding (see ``decode_with_pil``); None: full size.
+
+    Raises:
+        tf.errors.UnknownError (when the dataset is iterated): the file vanished
+            or no longer decodes; it carries a ``PipelineError`` naming the file
+            (``pipeline.errors.carried_user_error``).
     """
     import tensorflow as tf
 
-    def with_pil():
-        from pipeline.data.quarantine import decode_with_pil
+    def decode(p):
+        p = np.asarray(p).item()
+        return decode_scanned(p.decode() if isinstance(p, bytes) else p, size)
 
-        def decode(p):
-            p = np.asarray(p).item()
-            return decode_with_pil(p.decode() if isinstance(p, bytes) else p)
-
-        image = tf.numpy_function(decode, [path], tf.uint8)
-        return tf.reshape(image, tf.concat([tf.shape(image)[:2], [3]], 0))
-
-    def with_tf():
-        return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-
-    image = tf.cond(tf.cast(use_pil, tf.bool), with_pil, with_tf)
+    image = tf.numpy_function(decode, [path], tf.uint8)
+    image = tf.reshape(image, tf.concat([tf.shape(image)[:2], [3]], 0))
     image.set_shape([None, None, 3])
     return image
 
 
-def _decode_file(path, label, use_pil, size: int, mode: str):
-    return resize_image(decode_file(path, use_pil), size, mode), label
+def decode_scanned(path: str, size: int | None = None) -> np.ndarray:
+    """``decode_with_pil`` for a file the scan accepted; one that changed since is named.
+
+    Raises:
+        PipelineError: the file vanished or no longer decodes (one line naming it).
+    """
+    from pipeline.data.quarantine import decode_with_pil
+
+    try:
+        return decode_with_pil(path, size)
+    except Exception as err:  # gone, replaced or truncated since the scan
+        why = " ".join(f"{type(err).__name__}: {err}".split())  # one line
+        raise PipelineError(
+            f"{UNREADABLE_AFTER_SCAN} {path!r} ({why}): it was deleted or changed after the "
+            "scan. Restore it and resume the run (resume=<run dir>), or remove it and run again."
+        ) from None
+
+
+def _decode_file(path, label, size: int, mode: str):
+    return resize_image(decode_file(path, size), size, mode), label
 
 
 def file_split(files: list[tuple[str, int, bool]], root: Path, size: int, mode: str) -> Split:
-    """Decodes ``[(path, label, needs_pil)]`` to a split; members are paths relative to ``root``."""
+    """Decodes ``[(path, label, _)]`` to a split; members are paths relative to ``root``."""
     import tensorflow as tf
 
     paths = [f for f, _, _ in files]
     labels = np.array([label for _, label, _ in files], dtype=np.int32)
-    use_pil = np.array([pil for _, _, pil in files], dtype=bool)
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels, use_pil)).map(
-        lambda p, y, pil: _decode_file(p, y, pil, size, mode),
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(paths, tf.string), labels)).map(
+        lambda p, y: _decode_file(p, y, size, mode),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
@@ -318,11 +338,15 @@ def file_split(files: list[tuple[str, int, bool]], root: Path, size: int, mode: 
     return Split(images=ds, count=len(paths), members=members)
 
 
-def _fingerprint_files(files: list, extra: str) -> str:
+def _fingerprint_files(files: list, extra: str, hashes: dict) -> str:
+    """Names the files by path, label and the scan's pixel hash (not their mtime).
+
+    A file restored with the same pixels keeps the fingerprint, so a run stopped by
+    a file that vanished resumes once it is back; a changed image changes it.
+    """
     h = hashlib.sha256(extra.encode())
     for f, label, *_ in files:
-        st = os.stat(f)
-        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+        h.update(f"{f}|{hashes[f]}|{label}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -390,7 +414,8 @@ def load_folder(
         scan.check_bad_fraction(result, max_bad_fraction)
     _check_splits_not_empty(splits, root, allow_empty_val=val_fraction == 0 and not val_path)
     all_files = splits["train"] + splits["val"] + splits["test"]
-    fp = _fingerprint_files(all_files, f"{image_size}|{resize}|{seed}")
+    hashes = {p: h for result in scans.values() for p, h in result.hashes.items()}
+    fp = _fingerprint_files(all_files, f"{image_size}|{resize}|{seed}", hashes)
     return Source(
         name="folder",
         train=file_split(splits["train"], roots["train"], image_size, resize),
@@ -540,12 +565,19 @@ def load_tfds(
     """A TFDS image-classification dataset, downloaded into ``cache_dir`` on first use.
 
     Raises:
-        PipelineError: unknown dataset, or one without a single image and label.
+        PipelineError: unknown dataset, one without a single image and label, a
+            failed download, or (``download=False``) one not prepared in ``cache_dir``.
     """
     builder, class_names = _tfds_builder(name, cache_dir)
     info = builder.info
     if download:
-        builder.download_and_prepare()
+        _download_tfds(builder, name, cache_dir)
+    elif not builder.is_prepared():
+        raise PipelineError(
+            f"TFDS dataset {name!r} is not prepared under data.cache_dir={cache_dir} "
+            f"(no {name}/{info.version}/ there) and data.download=false; allow the download, "
+            "or point data.cache_dir at a folder where it is prepared."
+        )
     defaults = _default_tfds_splits(list(info.splits.keys()), val_fraction)
     specs = [s or d for s, d in zip((train_split, val_split, test_split), defaults, strict=True)]
     train, val, test = (_tfds_split(builder, spec, image_size, resize) for spec in specs)
@@ -587,6 +619,60 @@ def _tfds_builder(name: str, cache_dir: str) -> tuple:
     if not class_names:
         raise PipelineError(f"TFDS dataset {name!r}: its label feature has no class names.")
     return builder, class_names
+
+
+def _download_tfds(builder, name: str, cache_dir: str) -> None:
+    """``builder.download_and_prepare()``, a failed download told in one line.
+
+    Raises:
+        PipelineError: a file that could not be fetched (no network, a server down:
+            naming the URL and the offline ways), or a package the dataset needs.
+    """
+    from tensorflow_datasets.core.download import downloader
+
+    retries = downloader.MAX_RETRIES
+    downloader.MAX_RETRIES = min(retries, TFDS_DOWNLOAD_RETRIES)  # read at each request
+    try:
+        builder.download_and_prepare()
+    except ModuleNotFoundError as err:  # a package this dataset's own code imports
+        raise PipelineError(
+            f"TFDS dataset {name!r} needs the Python package {err.name!r}, which is not "
+            f"installed: pip install {err.name}"
+        ) from err
+    except Exception as err:
+        failed = _failed_download(err)
+        if failed is None:
+            raise
+        url, reason = failed
+        raise PipelineError(
+            f"cannot download the TFDS dataset {name!r} from {url} ({reason}). Offline: use "
+            f"a data.cache_dir where it is already prepared (data.cache_dir={cache_dir} has no "
+            f"{name}/{builder.info.version}/), or your own images with data=folder "
+            "data.path=<dir>."
+        ) from err
+    finally:
+        downloader.MAX_RETRIES = retries
+
+
+def _failed_download(err: BaseException) -> tuple[str, str] | None:
+    """``(url, reason)`` if ``err`` or an error it carries is a failed HTTP request, else None."""
+    import requests
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, requests.RequestException):
+            request = getattr(err, "request", None)
+            url = getattr(request, "url", None) or "its download URL"
+            if isinstance(err, requests.HTTPError) and err.response is not None:
+                return url, f"HTTP {err.response.status_code}"
+            if isinstance(err, requests.Timeout):
+                return url, "timed out"
+            if isinstance(err, requests.ConnectionError):
+                return url, "no connection: no network, or the server is down"
+            return url, type(err).__name__
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _tfds_split(builder, spec: str, image_size: int, resize: str) -> Split:

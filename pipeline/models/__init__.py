@@ -222,9 +222,17 @@ def _preprocessing(inputs, backbone, pretrained, mean, std):
 def _load_weights(model: keras.Model, path: str) -> None:
     # Keras reports skipped layers as a Python warning that prints whole tensors;
     # say instead which layers kept their fresh initialisation, and why.
+    before = model.get_weights()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.load_weights(path, skip_mismatch=True)
+    after = model.get_weights()
+    if before and all(np.array_equal(b, a) for b, a in zip(before, after, strict=True)):
+        raise ValueError(
+            f"weights={path!r} match no layer of this {model.name} model (no weight was "
+            "loaded: the file holds another architecture's weights); pass a file saved from "
+            "the same model.arch, or weights=null"
+        )
     reports = [str(w.message) for w in caught if "could not be loaded" in str(w.message)]
     for warning in caught:
         message = str(warning.message)

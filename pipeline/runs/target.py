@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import security
 from pipeline.data.sources import identity_keys
 from pipeline.errors import PipelineError
 
@@ -61,7 +62,8 @@ def saved_config(run_dir: Path) -> DictConfig:
     """The config a run was started with (``<run_dir>/.hydra/config.yaml``).
 
     Raises:
-        PipelineError: ``run_dir`` is not a run directory with a backup.
+        PipelineError: ``run_dir`` is not a run directory with a backup, or its
+            config names a ``_target_`` that is not allowed.
     """
     if not run_dir.is_dir():
         raise PipelineError(f"resume={str(run_dir)!r} is not a folder. Pass a run directory.")
@@ -71,12 +73,35 @@ def saved_config(run_dir: Path) -> DictConfig:
             f"resume={str(run_dir)!r} has no .hydra/config.yaml: not a run directory "
             "written by python -m pipeline.train."
         )
+    saved = _load_checked(config_file)
     if not any((run_dir / BACKUP_DIR).glob("ckpt-*.npz")):
         raise PipelineError(
             f"resume={str(run_dir)!r} has no backup under {BACKUP_DIR}/ to resume from "
             "(was it run with trainer.backup=false, or killed before its first backup?)."
         )
-    return OmegaConf.load(config_file)
+    return saved
+
+
+def _load_checked(config_file: Path) -> DictConfig:
+    """A run's saved config, its ``_target_``s checked before anything can instantiate one.
+
+    A run directory may come from someone else: its config is judged like a config
+    file given on the command line (``pipeline.security.check_targets``).
+
+    Raises:
+        PipelineError: the file is not a YAML mapping, or names a target not allowed.
+    """
+    try:
+        saved = OmegaConf.load(config_file)
+    except Exception as err:  # OmegaConf raises YAML and its own errors alike
+        raise PipelineError(f"cannot read {config_file}: {err}") from err
+    if not isinstance(saved, DictConfig):
+        raise PipelineError(f"{config_file} is not a config (a YAML mapping)")
+    try:
+        security.check_targets(saved)
+    except PipelineError as err:
+        raise PipelineError(f"resume: {config_file}: {err}") from err
+    return saved
 
 
 def unfinished_runs(outputs: Path) -> list[Path]:

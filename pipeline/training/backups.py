@@ -136,10 +136,15 @@ def save(
     arrays[STATE_KEY] = np.frombuffer(json.dumps(state, default=float).encode(), np.uint8)
     path = directory / f"ckpt-{iterations:09d}.npz"
     tmp = directory / f".{path.name}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:  # a full disk: the previous backups stay whole
+        tmp.unlink(missing_ok=True)
+        err.filename = err.filename or str(path)
+        raise
     os.replace(tmp, path)
     for old in backups(directory)[KEEP:]:
         old.unlink()
@@ -207,16 +212,27 @@ def restore(directory: str | os.PathLike, model, signature: dict) -> Restored | 
 
 
 def _read(path: Path) -> tuple[dict, dict]:
-    """The state and arrays of one backup, opened once."""
+    """The state and arrays of one backup, opened once and checked against each other.
+
+    Raises:
+        PipelineError: not a backup (junk, another archive), or an incomplete one.
+    """
     try:
         with np.load(path, allow_pickle=False) as archive:
             values = {key: archive[key] for key in archive.files}
         state = json.loads(bytes(values.pop(STATE_KEY)).decode())
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as err:
-        raise PipelineError(f"backup {path} is unreadable ({type(err).__name__}: {err})") from err
-    wanted = len(state["model_variables"]) + len(state["optimizer_variables"])
-    if len(values) != wanted:
-        raise PipelineError(f"backup {path} is incomplete ({len(values)} of {wanted} arrays)")
+        shapes = [tuple(s) for _, s in state["model_variables"] + state["optimizer_variables"]]
+        names = [f"m{i}" for i in range(len(state["model_variables"]))]
+        names += [f"o{i}" for i in range(len(state["optimizer_variables"]))]
+        int(state["epoch"]), int(state["step"]), dict(state.get("history", {}))
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as err:
+        raise PipelineError(
+            f"backup {path} is unreadable, not a backup written by pipeline.train "
+            f"({type(err).__name__}: {str(err)[:200]})"
+        ) from err
+    found = [values[n].shape if n in values else None for n in names]
+    if len(values) != len(names) or found != shapes:
+        raise PipelineError(f"backup {path} is incomplete ({len(values)} of {len(names)} arrays)")
     return state, values
 
 

@@ -30,6 +30,14 @@ SUMMARY_TAG = "val_confusion_matrix"
 KILL_HOOK = "PIPELINE_TEST_KILL_AT"  # test hook: "epoch:step[:TERM]" (1-based) SIGKILLs (or
 # SIGTERMs) this process there
 NAN_HOOK = "PIPELINE_TEST_NAN_AT"  # test hook: "epoch:step" puts a NaN into the weights there
+KILL_AFTER_TRAINING_HOOK = "PIPELINE_TEST_KILL_AFTER_TRAINING"  # test hook: SIGKILLs this
+# process as it starts that step after training: evaluate | save | records | export
+
+
+def kill_point(step: str) -> None:
+    """Test hook: SIGKILLs this process when ``PIPELINE_TEST_KILL_AFTER_TRAINING`` is ``step``."""
+    if os.environ.get(KILL_AFTER_TRAINING_HOOK) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class EpochStats(keras.callbacks.Callback):

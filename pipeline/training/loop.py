@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from pipeline.errors import PipelineError
 from pipeline.training import backups, distributed
-from pipeline.training.callbacks import ConfusionMatrixLogger, EpochStats, RunState
+from pipeline.training.callbacks import ConfusionMatrixLogger, EpochStats, RunState, kill_point
 from pipeline.training.devices import Plan
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,9 @@ class CheckpointSettings:
             shared filesystem), whatever it writes itself.
         signature: what the run trains on (model, batch size, data); a backup
             made with a different one is refused.
+        finished: the run finished before (its ``metrics.json`` exists): a backup
+            with every epoch done is then nothing to resume; without it, the run
+            was killed after training and only evaluates and returns.
     """
 
     monitor: str = "val_accuracy"
@@ -99,6 +102,7 @@ class CheckpointSettings:
     backup_every_steps: int | None = None
     restore_dir: str | os.PathLike | None = None
     signature: dict | None = None
+    finished: bool = False
 
     def restore_from(self, run_dir: Path) -> Path:
         """The folder holding the backup to resume from, for a run in ``run_dir``."""
@@ -294,6 +298,8 @@ def _callbacks(
                 restore_best_weights=False,
             )
         )
+    # After EpochStats (its images/s leaves them out), before TensorBoard, checkpoints, backups.
+    callbacks[1:1] = list(training.extra_callbacks)
     return callbacks, stats, best
 
 
@@ -326,10 +332,21 @@ def _run_state(
     return state, restored
 
 
-def _resume_point(restored, epochs: int, train) -> int:
-    """The epoch training continues at; replays the shuffle order of the epochs done."""
+def _resume_point(restored, epochs: int, train, finished: bool = False) -> int:
+    """The epoch training continues at; replays the shuffle order of the epochs done.
+
+    A backup with every epoch done is of a run killed after training (before
+    ``metrics.json``): its epoch is returned, and no epoch is trained.
+    """
     if restored is None:
         return 0
+    if restored.epoch >= epochs and not finished:
+        print(
+            f"training ended before the run was stopped ({restored.path}, {restored.epoch} "
+            "epochs): finishing the run (evaluation, model.keras, records, exports)",
+            flush=True,
+        )
+        return restored.epoch
     if restored.epoch >= epochs:
         raise PipelineError(
             f"the backup {restored.path} has {restored.epoch} of trainer.epochs={epochs} epochs "
@@ -501,9 +518,9 @@ def fit(
     callbacks, stats, best = _callbacks(run_dir, data, training, checkpoints, reports)
     state, restored = _run_state(model, strategy, plan, run_dir, checkpoints, best)
     callbacks.append(state)  # last: it backs up after the checkpoints have updated
-    # After EpochStats (its images/s leaves them out), before TensorBoard, checkpoints, backups.
-    callbacks[1:1] = list(training.extra_callbacks)
-    train_time = _train(model, data, callbacks, state, restored, run_dir, training, reports)
+    train_time = _train(
+        model, data, callbacks, state, restored, run_dir, training, reports, checkpoints.finished
+    )
     _raise_if_stopped(state, checkpoints.restore_from(run_dir).parent)
     metrics = _train_metrics(state.history)
     metrics.update(_evaluate(model, data, reports.tta, training.label_smoothing))
@@ -522,11 +539,12 @@ def _train(
     run_dir: Path,
     training: TrainSettings,
     reports: ReportSettings,
+    finished: bool = False,
 ) -> float:
     """Runs ``model.fit`` from where ``restored`` stopped (or the start); returns the seconds."""
     if restored is not None and 0 < int(data.train.cardinality()) <= restored.step:
         restored.epoch, restored.step = restored.epoch + 1, 0  # stopped after its last batch
-    initial_epoch = _resume_point(restored, training.epochs, data.train)
+    initial_epoch = _resume_point(restored, training.epochs, data.train, finished)
     if restored is None:
         write_preview(data.preview, run_dir / "tensorboard")
     verbose = reports.verbose
@@ -564,6 +582,7 @@ def _train_metrics(history: dict) -> dict:
 
 def _evaluate(model, data, tta: str, label_smoothing: float) -> dict:
     """``val_*`` and ``test_*`` of the trained model; with ``tta``, also ``test_plain_*``."""
+    kill_point("evaluate")
     metrics = {}
     for split, ds in (("val", data.val), ("test", data.test)):
         if ds is not None:

@@ -4,11 +4,11 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow as tf
 from PIL import Image
 
 from conftest import compose, write_image_folder
 from pipeline.data import inspect
+from pipeline.data.quarantine import decode_with_pil
 from pipeline.data.sources import load_folder, resize_image
 from pipeline.errors import PipelineError
 
@@ -66,9 +66,8 @@ def test_channel_stats_match_numpy(inspected):
     source = load_folder(path=str(folder), image_size=16, seed=0, cache_dir=None)
     assert len(source.train.members) == report["split_sizes"]["train"]
 
-    def decode(rel):  # as the pipeline decodes: Pillow's JPEG decoder differs by a level or so
-        data = tf.io.read_file(str(folder / rel))
-        return tf.io.decode_image(data, channels=3, expand_animations=False)
+    def decode(rel):  # as the pipeline decodes: TensorFlow's JPEG decoder differs by a level or so
+        return decode_with_pil(str(folder / rel), 16)
 
     images = [resize_image(decode(rel), 16, "crop") for rel in source.train.members]
     pixels = np.stack(images).reshape(-1, 3).astype(np.float64) / 255.0

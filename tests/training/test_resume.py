@@ -1,5 +1,6 @@
 """Resume after SIGKILL and SIGTERM, atomic and corrupt backups, NaN stops, deterministic runs."""
 
+import errno
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from omegaconf import OmegaConf
 
 from pipeline.errors import PipelineError
 from pipeline.models import build
+from pipeline.runs import hashes
 from pipeline.runs import target as runs
 from pipeline.training import backups as resume
 from pipeline.training import callbacks
@@ -28,11 +30,12 @@ RESUMABLE = [  # not conftest.TINY: digits at batch 64 (STEPS_PER_EPOCH), determ
     "export.formats=[]",
 ]
 STEPS_PER_EPOCH = 21  # digits: 1,295 training images at batch 64
+FINISHING = [*(o for o in RESUMABLE if not o.startswith("export.")), "export.formats=[saved_model]"]
 
 
-def _train(tmp_path, name, *overrides, env=None, timeout=240):
+def _train(tmp_path, name, *overrides, env=None, timeout=240, base=RESUMABLE):
     """Runs ``python -m pipeline.train`` with its run dir at ``tmp_path/name``."""
-    cmd = [sys.executable, "-m", "pipeline.train", *RESUMABLE, *overrides]
+    cmd = [sys.executable, "-m", "pipeline.train", *base, *overrides]
     cmd.append(f"hydra.run.dir={tmp_path / name}")
     return subprocess.run(
         cmd,
@@ -141,6 +144,102 @@ def test_nan_stops_with_epoch_and_step_and_keeps_the_last_good_backup(tmp_path):
     states = _states(run)
     assert [(s["epoch"], s["step"]) for s in states] == [(1, 0)]
     assert all(np.isfinite(states[0]["history"]["loss"]))
+
+
+@pytest.mark.parametrize("step", ["save", "export"])  # evaluate: the test below
+def test_a_run_killed_after_training_is_finished_by_resume(tmp_path, step):
+    """Before: resume= said "nothing to resume"; evaluate and export refused the run."""
+    kill = {callbacks.KILL_AFTER_TRAINING_HOOK: step}
+    killed = _train(tmp_path, "run", "trainer.epochs=1", env=kill, base=FINISHING)
+    assert killed.returncode == -9
+    run = tmp_path / "run"
+    assert not (run / "metrics.json").exists()
+
+    resumed = _train(tmp_path, "resume_log", f"resume={run}", base=FINISHING)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "finishing the run" in resumed.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["resumed_from"]["epoch"] == 1
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["export_max_abs_diff"] < 1e-3
+    assert _states(run)[0]["iterations"] == STEPS_PER_EPOCH  # no step trained again
+    artifacts = json.loads((run / "manifest.json").read_text())["artifacts"]
+    assert artifacts["model.keras"] == hashes.sha256_file(run / "model.keras")
+    assert "export/saved_model" in artifacts and (run / "export" / "parity.json").is_file()
+    assert not list(run.glob(".*.keras")) and not (run / ".lock").exists()
+
+    again = _train(tmp_path, "again_log", f"resume={run}", base=FINISHING)
+    assert again.returncode == 2 and "nothing to resume" in again.stderr
+
+
+def test_a_run_killed_in_its_final_evaluation_resumes_to_the_uninterrupted_result(
+    tmp_path, uninterrupted
+):
+    kill = {callbacks.KILL_AFTER_TRAINING_HOOK: "evaluate"}
+    assert _train(tmp_path, "run", "trainer.epochs=3", env=kill).returncode == -9
+    run = tmp_path / "run"
+    resumed = _train(tmp_path, "resume_log", f"resume={run}")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full = json.loads((uninterrupted / "metrics.json").read_text())
+    done = json.loads((run / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_loss", "val_accuracy", "train_loss", "best_epoch"):
+        assert done[key] == full[key], key
+    a, b = (keras.saving.load_model(r / "model.keras") for r in (uninterrupted, run))
+    for x, y in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_of_a_dir_with_a_junk_backup_is_one_line_and_exit_2(tmp_path):
+    kill = {callbacks.KILL_AFTER_TRAINING_HOOK: "evaluate"}
+    assert _train(tmp_path, "run", "trainer.epochs=1", env=kill).returncode == -9
+    run = tmp_path / "run"
+    (backup,) = resume.backups(run / "backup")
+    state = np.frombuffer(json.dumps([1, 2]).encode(), np.uint8)  # a state that is no dict
+    np.savez(backup, __state__=state)
+    junk = _train(tmp_path, "resume_log", f"resume={run}")
+    assert junk.returncode == 2, junk.stderr[-2000:]
+    errors = [ln for ln in junk.stderr.splitlines() if ln.startswith(("error:", "Traceback"))]
+    assert len(errors) == 1 and f"backup {backup} is unreadable" in errors[0]
+    assert "move that folder away" in errors[0]
+
+
+def test_a_full_disk_during_training_names_the_file_and_keeps_the_last_backup(
+    tmp_path, monkeypatch
+):
+    """Before: an OSError traceback (exit code 1) that said nothing of the backups."""
+    from conftest import TINY, compose
+    from pipeline.train import train
+
+    savez, calls = np.savez, []
+
+    def fills_the_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:  # the second backup: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        savez(*args, **kwargs)
+
+    monkeypatch.setattr(resume.np, "savez", fills_the_disk)
+    run = tmp_path / "run"
+    with pytest.raises(PipelineError) as stopped:
+        train(compose([*TINY, "trainer.epochs=2", "export.formats=[]"]), run_dir=run)
+    (kept,) = resume.backups(run / "backup")
+    assert resume.read_state(kept)["epoch"] == 1
+    message = str(stopped.value)
+    assert message.startswith(f"the disk is full: writing {run / 'backup' / 'ckpt-'}")
+    assert f"the last backup, {kept}, is whole" in message and f"resume={run}" in message
+    assert not list((run / "backup").glob(".*.tmp")) and not (run / "metrics.json").exists()
+    assert not (run / ".lock").exists()
+
+
+def test_a_full_disk_without_an_errno_is_recognised_by_its_text(tmp_path):
+    from pipeline import train as command
+
+    h5py_style = OSError(
+        "Unable to synchronously create file (file write failed: errno = 28, "
+        "error message = 'No space left on device')"
+    )
+    match = r"the disk is full: writing a file under .*no backup"
+    with pytest.raises(PipelineError, match=match), command._full_disk_is_one_line(tmp_path):
+        raise h5py_style
 
 
 # Backups written and read in this process, on a small model: no training.
