@@ -6,6 +6,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from dataclasses import dataclass, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -138,6 +140,24 @@ def tiny_runs(tmp_path_factory, tiny_folder):
     runs = TinyRuns(tmp_path_factory.mktemp("tiny_runs"), tiny_folder)
     yield runs
     runs.check_untouched()
+
+
+@pytest.fixture(scope="module")
+def own_tiny_run(tiny_runs, tmp_path_factory) -> TinyRun:
+    """This test module's own copy of the shared 2-epoch run, to write eval/ or export/ into."""
+    return tiny_runs("trainer.epochs=2").copy_to(tmp_path_factory.mktemp("own") / "run")
+
+
+def run_module(module: str, *args: str, timeout: int = 300, env=None):
+    """``python -m <module> <args>`` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def run_test_split(run_dir: Path, folder: Path, size: int):

@@ -2,13 +2,11 @@
 
 import json
 import statistics
-import subprocess
-import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, TINY
+from conftest import REPO, TINY, run_module
 from pipeline import bench
 from pipeline.errors import PipelineError
 
@@ -19,21 +17,13 @@ QUICK = ["model=cnn", *TINY, "bench.warmup_steps=1", "bench.steps=2", "bench.win
 def tiny_bench(tmp_path_factory, tiny_folder):
     root = tmp_path_factory.mktemp("bench")
     run_dir = root / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.bench",
-            "data=folder",
-            f"data.path={tiny_folder}",  # 24 training images: 3 steps
-            f"data.cache_dir={root / 'cache'}",
-            f"hydra.run.dir={run_dir}",
-            *QUICK,
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_module(
+        "pipeline.bench",
+        "data=folder",
+        f"data.path={tiny_folder}",  # 24 training images: 3 steps
+        f"data.cache_dir={root / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        *QUICK,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((run_dir / "bench.json").read_text()), proc.stdout, run_dir

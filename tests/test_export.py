@@ -42,9 +42,9 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_runs, tmp_path_factory):
-    """The shared 2-epoch run, copied: the CLI exports into its export/."""
-    return tiny_runs("trainer.epochs=2").copy_to(tmp_path_factory.mktemp("export") / "run").path
+def tiny_run(own_tiny_run):
+    """The CLI exports into the run's export/: a copy of the shared one."""
+    return own_tiny_run.path
 
 
 @pytest.fixture(scope="module")

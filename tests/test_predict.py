@@ -20,11 +20,10 @@ GOOD = ("a.png", "b.jpg", "c.gif")
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_runs, tmp_path_factory):
-    """The shared 2-epoch run, copied and exported to a SavedModel and a .keras file."""
-    run = tiny_runs("trainer.epochs=2").copy_to(tmp_path_factory.mktemp("predict") / "run")
-    export_run(run.path, formats=["saved_model", "keras"])
-    return run.path
+def tiny_run(own_tiny_run):
+    """A copy of the shared 2-epoch run, exported to a SavedModel and a .keras file."""
+    export_run(own_tiny_run.path, formats=["saved_model", "keras"])
+    return own_tiny_run.path
 
 
 @pytest.fixture(scope="module")

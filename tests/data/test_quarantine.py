@@ -134,12 +134,17 @@ def test_a_replaced_file_with_its_mtime_restored_is_scanned_again(tmp_path):
     assert [(b["path"], b["reason"]) for b in again.bad] == [("a/0.bmp", "not an image")]
 
 
-def test_scan_then_train_on_a_folder_with_a_decompression_bomb(tmp_path):
-    images = tmp_path / "images"
+def _two_class_folder(images):
+    """Classes a and b, five distinct PNGs each."""
     for name in ("a", "b"):
         (images / name).mkdir(parents=True)
         for i in range(5):
             _picture(i + 10 * ord(name)).save(images / name / f"{i}.png")
+    return images
+
+
+def test_scan_then_train_on_a_folder_with_a_decompression_bomb(tmp_path):
+    images = _two_class_folder(tmp_path / "images")
     png_header_only(images / "a" / "bomb.png", 20_000, 20_000)  # past twice Pillow's limit
     first = scan.scan_folder(images, cache_dir=tmp_path, progress=False)
     assert [b["reason"] for b in first.bad] == ["too large"]
@@ -186,11 +191,7 @@ def test_a_file_gone_after_the_scan_is_named_in_one_line(tmp_path, capsys):
 
 
 def test_the_fingerprint_follows_the_pixels_not_the_mtime(tmp_path):
-    images = tmp_path / "images"
-    for name in ("a", "b"):
-        (images / name).mkdir(parents=True)
-        for i in range(5):
-            _picture(i + 10 * ord(name)).save(images / name / f"{i}.png")
+    images = _two_class_folder(tmp_path / "images")
 
     def fingerprint():
         options = {"val_fraction": 0.2, "test_fraction": 0.2, "cache_dir": None}

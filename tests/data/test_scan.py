@@ -4,8 +4,6 @@ import hashlib
 import io
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO, compose, png_header_only
+from conftest import compose, png_header_only, run_module
 from pipeline.data import quarantine as scan
 from pipeline.data.sources import decode_file, load_folder
 from pipeline.errors import PipelineError
@@ -202,19 +200,12 @@ def test_training_on_the_dirty_folder_leaves_every_file_untouched(dirty, tmp_pat
 
 def test_scan_command_prints_a_summary_and_writes_a_report(dirty, tmp_path):
     root, _ = dirty
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.data.scan",
-            "data=folder",
-            f"data.path={root / 'images'}",
-            f"data.cache_dir={tmp_path}",
-            f"hydra.run.dir={tmp_path / 'out'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    proc = run_module(
+        "pipeline.data.scan",
+        "data=folder",
+        f"data.path={root / 'images'}",
+        f"data.cache_dir={tmp_path}",
+        f"hydra.run.dir={tmp_path / 'out'}",
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -34,10 +34,9 @@ REPORT_KEYS = (
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_runs, tmp_path_factory):
-    """The shared 2-epoch run, copied: evaluate writes eval/ and tensorboard/eval into it."""
-    run = tiny_runs("trainer.epochs=2").copy_to(tmp_path_factory.mktemp("eval") / "run")
-    return run.path, run.folder
+def tiny_run(own_tiny_run):
+    """evaluate writes eval/ and tensorboard/eval into the run: a copy of the shared one."""
+    return own_tiny_run.path, own_tiny_run.folder
 
 
 @pytest.fixture(scope="module")

@@ -118,10 +118,9 @@ def test_none_is_the_model_itself_and_a_bad_mode_is_named():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_runs, tmp_path_factory):
-    """The shared 2-epoch run, copied: evaluate logs to its tensorboard/eval."""
-    run = tiny_runs("trainer.epochs=2").copy_to(tmp_path_factory.mktemp("tta") / "run")
-    return run.path, run.folder
+def tiny_run(own_tiny_run):
+    """evaluate logs to the run's tensorboard/eval: a copy of the shared one."""
+    return own_tiny_run.path, own_tiny_run.folder
 
 
 @pytest.fixture(scope="module")

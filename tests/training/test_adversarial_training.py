@@ -2,15 +2,13 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, TINY, compose
+from conftest import TINY, compose, run_module
 from pipeline import models
 from pipeline.errors import PipelineError
 from pipeline.runs.reader import load_run
@@ -84,24 +82,17 @@ def test_adversarial_run_saves_plain_loadable_models(tiny_folder, tmp_path, monk
 
 def test_pgd_training_runs_on_two_mirrored_replicas(tiny_folder, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.train",
-            "data=folder",
-            f"data.path={tiny_folder}",
-            "trainer.epochs=1",
-            *TINY,
-            "trainer.strategy=mirrored",
-            "trainer.logical_cpus=2",
-            "trainer.adversarial=pgd",
-            "trainer.adversarial_steps=2",
-            f"hydra.run.dir={run_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
+    proc = run_module(
+        "pipeline.train",
+        "data=folder",
+        f"data.path={tiny_folder}",
+        "trainer.epochs=1",
+        *TINY,
+        "trainer.strategy=mirrored",
+        "trainer.logical_cpus=2",
+        "trainer.adversarial=pgd",
+        "trainer.adversarial_steps=2",
+        f"hydra.run.dir={run_dir}",
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
