@@ -283,7 +283,10 @@ from pipeline.models import (  # noqa: E402, F401, I001
     resnet_cifar,
     resnet_imagenet,
 )
-from pipeline.training import schedules  # noqa: E402, F401
+
+# what a compiled model.keras may hold besides our layers, so that `import pipeline.models`
+# is all keras.saving.load_model needs
+from pipeline.training import optimizers, schedules  # noqa: E402, F401
 
 __all__ = [
     "ImagenetPreprocess",

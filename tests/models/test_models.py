@@ -418,3 +418,26 @@ def test_fused_batch_norm_is_what_the_models_use_and_reloads(tmp_path):
     )
     sync_norms = [la for la in sync._flatten_layers() if isinstance(la, BatchNorm)]
     assert sync_norms and all(layer.synchronized for layer in sync_norms)
+
+
+def test_import_pipeline_models_is_enough_to_load_a_compiled_model(tmp_path):
+    """The README's promise, for a model compiled with our optimizer and schedule."""
+    import subprocess
+    import sys
+
+    from pipeline.training.optimizers import SGD
+    from pipeline.training.schedules import WarmupSchedule
+
+    model = _build("cnn")
+    schedule = WarmupSchedule(peak_lr=0.1, total_steps=10, warmup_steps=2, kind="linear")
+    model.compile(optimizer=SGD(learning_rate=schedule, offset_lr_multiplier=4.0), loss="mse")
+    model.train_on_batch(_pixels(n=2), np.zeros((2, NUM_CLASSES)))
+    model.save(tmp_path / "model.keras")
+    code = (
+        "import keras, pipeline.models\n"
+        f"m = keras.saving.load_model({str(tmp_path / 'model.keras')!r})\n"
+        "print(type(m.optimizer).__name__, m.optimizer.offset_lr_multiplier)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["SGD", "4.0"]
