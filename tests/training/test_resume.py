@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -426,3 +427,31 @@ def test_nan_weights_behind_a_finite_loss_stop_at_the_epoch_end(tmp_path):
     assert state.non_finite == {"epoch": 2, "step": 0, "loss": "weights"} and model.stop_training
     (kept,) = resume.backups(tmp_path)
     assert resume.read_state(kept)["epoch"] == 1  # the bad state was not backed up
+
+
+def test_a_file_gone_after_training_stops_the_resume_and_it_finishes_once_restored(
+    tmp_path, tiny_folder
+):
+    """Issue 15, item 4: a vanished image is one line; put back, ``resume=`` finishes the run."""
+    images = Path(shutil.copytree(tiny_folder, tmp_path / "images"))
+    folder = [
+        "data=folder",
+        f"data.path={images}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.batch_size=8",
+        "trainer.epochs=1",
+    ]
+    kill = {callbacks.KILL_AFTER_TRAINING_HOOK: "evaluate"}
+    killed = _train(tmp_path, "run", *folder, env=kill)
+    assert killed.returncode != 0 and not (tmp_path / "run" / "metrics.json").exists()
+    moved = sorted((images / "cat").iterdir())[0]
+    moved.rename(tmp_path / moved.name)
+    gone = _train(tmp_path, "again", f"resume={tmp_path / 'run'}")
+    assert gone.returncode == 2, gone.stderr[-2000:]
+    assert gone.stderr.strip().splitlines()[-1].startswith("error: cannot resume from")
+    assert "fingerprint" in gone.stderr and not (tmp_path / "run" / "metrics.json").exists()
+    (tmp_path / moved.name).rename(moved)
+    back = _train(tmp_path, "again", f"resume={tmp_path / 'run'}")
+    assert back.returncode == 0, back.stderr[-2000:]
+    assert "finishing the run" in back.stdout + back.stderr
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_accuracy"] >= 0
