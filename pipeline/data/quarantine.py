@@ -48,10 +48,11 @@ DECODE_MEMORY_BYTES = 1 << 30
 BYTES_PER_DECODED_PIXEL = 8  # Pillow's 4-byte pixels, plus one converted copy
 HASH_ROWS = 256  # rows hashed at a time: no full-size copy of the pixels for the hash
 TRIM_AFTER_BYTES = 64 << 20  # after a decode this large, hand freed memory back to the system
-# Conversions TensorFlow's own decoders do not make (EXIF orientation) or cannot
-# (palette BMPs): ScanResult.good flags such files. The package decodes every file
-# with Pillow (decode_with_pil); the flag is for callers with other decoders.
-PIL_CONVERSIONS = {"exif-rotated", "bmp-non-rgb"}
+# Plain 8-bit RGB JPEGs and PNGs (no conversion at all) decode to the same pixels
+# with TensorFlow's decoders (JPEG with dct_method="INTEGER_ACCURATE", as Pillow's
+# libjpeg does), natively and in parallel: ScanResult.good gives their smaller side
+# so training can use them; every other file goes through decode_with_pil.
+TF_EXACT_FORMATS = ("JPEG", "PNG")
 EXIF_ORIENTATION = 0x0112
 
 
@@ -62,7 +63,9 @@ class ScanResult:
     Attributes:
         root: the folder scanned.
         class_names: class subfolder names, sorted.
-        good: ``[(path, label, needs_pil)]`` of the files to train on.
+        good: ``[(path, label, plain_side)]`` of the files to train on;
+            ``plain_side`` is the smaller side of a plain JPEG or PNG that
+            TensorFlow's decoder reads to the same pixels, 0 for other files.
         bad: ``[{"path", "class", "reason", "detail"}]`` of quarantined files.
         conversions: ``{conversion: count}`` among the good files.
         hashes: ``{path: pixel hash}`` of the good files (for leakage checks).
@@ -507,7 +510,7 @@ def _judge(root, class_names, files, results, min_size, max_pixels, start, cache
             bad.append({**entry, "reason": "duplicate", "detail": detail})
             continue
         conversions.update(r["conversions"])
-        good.append((path, label, bool(PIL_CONVERSIONS & set(r["conversions"]))))
+        good.append((path, label, _plain_side(r)))
         hashes[path] = r["hash"]
     bad.sort(key=lambda b: b["path"])
     return ScanResult(
@@ -520,6 +523,12 @@ def _judge(root, class_names, files, results, min_size, max_pixels, start, cache
         seconds=time.perf_counter() - start,
         cached=cached,
     )
+
+
+def _plain_side(facts: dict) -> int:
+    """The smaller side of a file TensorFlow decodes to Pillow's pixels, else 0."""
+    plain = facts["format"] in TF_EXACT_FORMATS and not facts["conversions"]
+    return min(facts["width"], facts["height"]) if plain else 0
 
 
 def summary_table(result: ScanResult) -> str:

@@ -96,6 +96,16 @@ def test_resize_modes(mode):
         assert out[5, :2].min() > 200 and out[5, -2:].max() == 0
 
 
+@pytest.mark.parametrize("mode", ["crop", "pad", "stretch"])
+def test_an_image_already_at_size_is_returned_as_resizing_would(mode):
+    from pipeline.data.sources import _resized
+
+    image = np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+    out = resize_image(image, 12, mode).numpy()  # resizing skipped
+    np.testing.assert_array_equal(out, image)
+    np.testing.assert_array_equal(out, _resized(image, 12, mode).numpy())
+
+
 def test_folder_lists_formats_and_splits_per_class(tmp_path):
     root = write_image_folder(tmp_path / "imgs", per_class=10)
     src = data.load_source(

@@ -14,7 +14,14 @@ from PIL import Image
 
 from conftest import REPO, png_header_only
 from pipeline.data import quarantine as scan
-from pipeline.data.sources import decode_file, file_split, load_folder
+from pipeline.data.sources import (
+    _decodes_plain,
+    decode_file,
+    decode_plain,
+    file_split,
+    load_folder,
+    resize_image,
+)
 from pipeline.errors import PipelineError, carried_user_error, user_errors
 
 
@@ -77,6 +84,12 @@ def _odd_file(kind: str, folder: Path) -> Path:
         picture.convert(mode).save(path, interlace=kind == "png-interlaced")
     elif kind == "gif-transparent":
         picture.convert("P").save(path, transparency=0)
+    elif kind == "jpg-plain":
+        picture.save(path, quality=75)
+    elif kind == "png-plain":
+        picture.save(path)
+    elif kind == "png-rgb-transparent":  # an RGB PNG with a tRNS colour: not alpha to Pillow
+        picture.save(path, transparency=(220, 20, 20))
     return path
 
 
@@ -96,7 +109,12 @@ ODD_KINDS = [
     "png-la",
     "png-interlaced",
     "gif-transparent",
+    "jpg-plain",
+    "png-plain",
+    "png-rgb-transparent",
 ]
+# what TensorFlow's decoders read to Pillow's pixels, so training decodes them natively
+TF_DECODED = {"jpg-plain", "jpg-progressive", "png-plain", "png-interlaced", "png-rgb-transparent"}
 
 
 @pytest.mark.parametrize("kind", ODD_KINDS)
@@ -109,9 +127,27 @@ def test_what_the_scan_accepts_training_decodes_to_the_same_pixels(kind, tmp_pat
     decoded = decode_file(tf.constant(str(path)), size=16).numpy()
     assert decoded.dtype == np.uint8 and decoded.shape == seen.shape
     np.testing.assert_array_equal(decoded, seen)
-    split = file_split([(str(path), 0, False)], tmp_path, 16, "crop")
+    plain_side = scan._plain_side(facts)
+    assert (plain_side > 0) == (kind in TF_DECODED)  # decoded by TensorFlow's ops in training
+    split = file_split([(str(path), 0, plain_side)], tmp_path, 16, "crop")
     ((image, label),) = list(split.images.as_numpy_iterator())
-    assert image.shape == (16, 16, 3) and label == 0 and split.members == [path.name]
+    assert label == 0 and split.members == [path.name]
+    np.testing.assert_array_equal(image, resize_image(seen, 16, "crop").numpy())
+
+
+def test_tensorflow_decodes_plain_files_as_pillow_does_while_pillow_reduces_large_ones(tmp_path):
+    small, large = tmp_path / "small.jpg", tmp_path / "large.jpg"
+    _picture(1, size=(40, 30)).save(small, quality=75)
+    _picture(2, size=(160, 140)).save(large, quality=75)  # both sides >= 4 x 16: reduced
+    tf_pixels = decode_plain(tf.constant(str(small))).numpy()
+    np.testing.assert_array_equal(tf_pixels, scan.decode_with_pil(str(small)))
+    assert _decodes_plain(str(small), 30, 16) and not _decodes_plain(str(large), 140, 16)
+    assert not _decodes_plain(str(tmp_path / "a[1].jpg"), 30, 16)  # a glob pattern to TF
+    files = [(str(small), 0, 30), (str(large), 1, 140)]
+    images = [x for x, _ in file_split(files, tmp_path, 16, "crop").images.as_numpy_iterator()]
+    for image, path in zip(images, (small, large), strict=True):
+        expected = resize_image(scan.decode_with_pil(str(path), 16), 16, "crop").numpy()
+        np.testing.assert_array_equal(image, expected)
 
 
 def test_a_replaced_file_with_its_mtime_restored_is_scanned_again(tmp_path):
@@ -172,11 +208,13 @@ def test_class_folder_names_with_control_characters_are_refused(name, tmp_path):
     assert repr(name) in str(err.value) and "Rename" in str(err.value)
 
 
-def test_a_file_gone_after_the_scan_is_named_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("plain_side", [0, 20], ids=["pillow", "tensorflow"])
+def test_a_file_gone_after_the_scan_is_named_in_one_line(plain_side, tmp_path, capsys):
     files = []
     for i in range(3):
         _picture(i).save(tmp_path / f"{i}.png")
-        files.append((str(tmp_path / f"{i}.png"), 0, False))
+        files.append((str(tmp_path / f"{i}.png"), 0, plain_side))
+    (tmp_path / "2.png").write_bytes(b"garbage now")  # replaced after the scan
     split = file_split(files, tmp_path, 16, "crop")
     (tmp_path / "1.png").unlink()
     with pytest.raises(tf.errors.OpError) as raised:  # a NotFoundError naming no file, before
@@ -188,6 +226,10 @@ def test_a_file_gone_after_the_scan_is_named_in_one_line(tmp_path, capsys):
         list(split.images)
     assert stop.value.code == 2
     assert capsys.readouterr().err.startswith(f"error: cannot read image file '{tmp_path}")
+    _picture(1).save(tmp_path / "1.png")
+    with pytest.raises(tf.errors.OpError) as raised:
+        list(split.images)
+    assert str(tmp_path / "2.png") in str(carried_user_error(raised.value))
 
 
 def test_the_fingerprint_follows_the_pixels_not_the_mtime(tmp_path):
