@@ -48,6 +48,7 @@ from pipeline.config import (
 )
 from pipeline.errors import PipelineError, user_errors
 from pipeline.runs import manifest
+from pipeline.terminal import quiet_tensorflow
 from pipeline.training import devices as devices_mod
 
 log = logging.getLogger("pipeline.bench")
@@ -671,6 +672,8 @@ def format_table(result: dict) -> str:
 @hydra_main("bench")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point (see ``conf/bench.yaml``)."""
+    if cfg.get("backend", "tensorflow") != "jax":  # JAX's bench imports no TensorFlow
+        quiet_tensorflow()
     with user_errors(log):
         bench(cfg)
 

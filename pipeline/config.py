@@ -24,7 +24,11 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation.tta import TTA_MODES
 from pipeline.training import devices as devices_mod
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# conf/ at the top of a checkout (also under an editable install); pipeline/conf in a wheel
+_INSTALLED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = str(
+    _INSTALLED_CONF if _INSTALLED_CONF.is_dir() else Path(__file__).resolve().parent.parent / "conf"
+)
 BACKENDS = ("tensorflow", "jax")
 CHOICES = {
     "backend": BACKENDS,
@@ -56,8 +60,15 @@ KEYED_GROUPS = {
     "schedule": None,  # warmup_fraction and warmup_from apply to every kind
     "augment": None,
     "trainer": None,
+    "logger": None,  # every option's keys: logger=[tensorboard,mlflow] holds several
 }
 ROOT_SECTIONS = ("export", "objective", "sweep")  # defined by conf/config.yaml itself
+LOGGERS = ("tensorboard", "mlflow", "csv")  # conf/logger/: any of them (logger=[...])
+CSV_FILE = "metrics.csv"  # logger=csv: under the run dir
+LOCAL_TRACKING_DIR = "mlruns"  # logger=mlflow's local store, in the directory training starts in
+# Keras callbacks that set the learning rate: ours is always a schedule (WarmupSchedule),
+# which Keras refuses to change mid-training (TypeError at the first change)
+SETS_LEARNING_RATE = ("keras.callbacks.ReduceLROnPlateau", "keras.callbacks.LearningRateScheduler")
 # Keras optimizer arguments the optimizer files leave at Keras's defaults; also accepted
 OPTIMIZER_KWARGS = (
     "amsgrad",
@@ -82,10 +93,12 @@ HPARAM_KEYS = (  # logged for the HParams dashboard, with whatever the command l
     "augment.cutmix_alpha",
     "seed",
 )
-NOT_HPARAMS = (
+NOT_HPARAMS = (  # keys, and sections whose every key is left out
     "resume",
+    "logger",
     "trainer.verbose",
     "trainer.profile_batches",
+    "trainer.log_every_steps",
     "export.formats",
     "export.tta",
     "data.cache_dir",
@@ -102,6 +115,8 @@ def check_config(cfg: DictConfig) -> None:
 
     security.check_targets(cfg)  # every _target_ allowlisted before anything is instantiated
     check_keys(cfg)
+    loggers(cfg)
+    _callback_specs(cfg)
     _check_choices(cfg)
     _check_numbers(cfg)
     formats = list(cfg.export.formats or [])
@@ -333,6 +348,9 @@ def hydra_main(config_name: str):
     from pipeline import security
 
     def decorate(task):
+        from pipeline.runs import sweep
+
+        sweep.register_resolvers()  # hydra.sweep.subdir's, here and in launcher processes
         hydra_task = hydra.main(config_path=CONF_DIR, config_name=config_name, version_base="1.3")(
             task
         )
@@ -520,8 +538,10 @@ def technique_callbacks(cfg: DictConfig, bundle) -> list:
     """The training techniques the config turns on, as callbacks (``pipeline.training.callbacks``).
 
     ``trainer.lookahead`` ({every, base, power}), ``trainer.freeze_after``
-    ({layer name: epochs}), ``trainer.test_each_epoch`` and, for
-    ``augment.flip=alternating``, the epoch parity of the model's flip layer.
+    ({layer name: epochs}), ``trainer.test_each_epoch``, for
+    ``augment.flip=alternating`` the epoch parity of the model's flip layer, and
+    last the Keras callbacks of ``trainer.callbacks`` (:func:`configured_callbacks`),
+    which then see every metric the others add.
     """
     from pipeline.training import callbacks
 
@@ -541,7 +561,207 @@ def technique_callbacks(cfg: DictConfig, bundle) -> list:
         found.append(callbacks.FreezeLayers(OmegaConf.to_container(freeze)))
     if cfg.trainer.get("test_each_epoch"):  # after the others: it sees the weights they left
         found.append(callbacks.EvaluateEachEpoch(bundle.test, "test"))
-    return found
+    return [*found, *configured_callbacks(cfg)]
+
+
+def configured_callbacks(cfg: DictConfig) -> list:
+    """The Keras callbacks ``trainer.callbacks`` names, built from their ``_target_``.
+
+    ``trainer.callbacks`` maps a name of your choice to a class and its arguments
+    (``{early: {_target_: keras.callbacks.EarlyStopping, monitor: val_loss, patience: 5}}``);
+    a null entry is left out (an experiment's callback turned off). Only the classes in
+    ``pipeline.security.ALLOWED_TARGETS`` are built, checked again right here.
+
+    Raises:
+        PipelineError: an entry that is not a mapping with a ``_target_``, a class that
+            is not allowed or sets the learning rate, or arguments the class refuses.
+    """
+    from pipeline import security
+
+    specs = _callback_specs(cfg)
+    security.check_targets({"trainer": {"callbacks": specs}})
+    built = []
+    for name, spec in specs.items():
+        try:
+            built.append(hydra.utils.instantiate(spec, _convert_="all"))
+        except Exception as err:  # Hydra wraps the class's TypeError in its own error
+            cause = " ".join(str(err.__cause__ or err).split())
+            args = {k: v for k, v in spec.items() if k != "_target_"}
+            raise PipelineError(
+                f"trainer.callbacks.{name}: {spec['_target_']} cannot be built from {args}: {cause}"
+            ) from err
+    return built
+
+
+def _callback_specs(cfg: DictConfig) -> dict[str, dict]:
+    """``trainer.callbacks`` as ``{name: {_target_, arguments}}``, null entries left out.
+
+    Raises:
+        PipelineError: not a mapping of mappings with a ``_target_``, or a class that
+            sets the learning rate (:data:`SETS_LEARNING_RATE`).
+    """
+    section = cfg.trainer.get("callbacks")
+    if section is None:
+        return {}
+    example = "{early: {_target_: keras.callbacks.EarlyStopping, monitor: val_loss, patience: 5}}"
+    if not isinstance(section, DictConfig):
+        raise PipelineError(f"trainer.callbacks must map names to callbacks, e.g. {example}")
+    specs = {}
+    for name, spec in section.items():
+        if spec is None:
+            continue
+        if not isinstance(spec, DictConfig) or not isinstance(spec.get("_target_"), str):
+            raise PipelineError(
+                f"trainer.callbacks.{name}={spec!r} is not a callback: give a mapping with a "
+                f"_target_ and the class's arguments, e.g. trainer.callbacks={example}"
+            )
+        if spec._target_ in SETS_LEARNING_RATE:
+            raise PipelineError(
+                f"trainer.callbacks.{name}: {spec._target_} sets the learning rate, which here "
+                f"is a schedule (schedule={cfg.schedule.get('name')}) that Keras cannot change "
+                "during training; choose the schedule instead (schedule=step, cosine, ...)"
+            )
+        specs[str(name)] = OmegaConf.to_container(spec, resolve=True)
+    return specs
+
+
+def loggers(cfg: DictConfig) -> tuple[str, ...]:
+    """The loggers ``logger=`` picked: any of :data:`LOGGERS`.
+
+    A run saved before the ``logger`` group existed logs to TensorBoard, as it did.
+
+    Raises:
+        PipelineError: a logger that is not one of :data:`LOGGERS`.
+    """
+    if "logger" not in cfg:
+        return ("tensorboard",)
+    section = cfg.logger
+    names = tuple(str(name) for name in section) if isinstance(section, DictConfig) else ()
+    unknown = [name for name in names if name not in LOGGERS]
+    if unknown:
+        raise PipelineError(
+            f"logger: {', '.join(unknown)} is not a logger; pick any of {', '.join(LOGGERS)}, "
+            "e.g. logger=[tensorboard,mlflow]"
+        )
+    return names
+
+
+def logger_callbacks(cfg: DictConfig, run_dir: Path, tracker=None) -> list:
+    """The Keras callbacks of the loggers besides TensorBoard, in the order they run.
+
+    ``csv``: Keras's CSVLogger, one row per epoch in ``<run_dir>/metrics.csv``,
+    appended to (a resumed run continues its file; a resume within an epoch calls
+    ``fit`` twice). ``tracker`` (an open ``pipeline.runs.tracking.MlflowRun``): its
+    per-epoch metrics. Before them, the learning rate joins each epoch's logs, as
+    Keras's TensorBoard callback (which runs after them) puts it there for itself.
+    """
+    from pipeline.runs import tracking
+
+    found = []
+    if "csv" in loggers(cfg):
+        import keras
+
+        found.append(keras.callbacks.CSVLogger(str(Path(run_dir) / CSV_FILE), append=True))
+    if tracker is not None:
+        found.append(tracking.EpochMetrics(tracker))
+    return [tracking.LearningRateLog(), *found] if found else []
+
+
+def tracking_settings(cfg: DictConfig, run_dir: Path):
+    """How ``logger=mlflow`` tracks the run in ``run_dir``, or None without it.
+
+    The store: ``logger.mlflow.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else
+    an SQLite store in ``mlruns/`` of the directory training was started in (where
+    ``outputs/`` goes): ``mlruns/mlflow.db``, artifacts under ``mlruns/artifacts``.
+    SQLite whatever the MLflow version: MLflow 3 deprecates its old ``./mlruns``
+    file store and warns about it, later versions refuse it.
+
+    Returns:
+        A ``pipeline.runs.tracking.MlflowSettings``, or None.
+    """
+    if "mlflow" not in loggers(cfg):
+        return None
+    from pipeline.runs import tracking
+
+    section = cfg.logger.mlflow
+    artifacts = None
+    if section.get("tracking_uri"):
+        uri, uri_from = str(section.tracking_uri), "logger.mlflow.tracking_uri"
+    elif os.environ.get("MLFLOW_TRACKING_URI"):
+        uri, uri_from = os.environ["MLFLOW_TRACKING_URI"], "MLFLOW_TRACKING_URI"
+    else:
+        local = _launch_dir() / LOCAL_TRACKING_DIR
+        uri, uri_from = f"sqlite:///{local / 'mlflow.db'}", "the local default"
+        artifacts = (local / "artifacts").as_uri()
+    name, tags = _tracked_as(Path(run_dir))
+    return tracking.MlflowSettings(
+        tracking_uri=uri,
+        uri_from=uri_from,
+        experiment=str(section.get("experiment") or "pipeline"),
+        run_name=name,
+        tags=tags,
+        log_model=bool(section.get("log_model", True)),
+        artifact_location=artifacts,
+    )
+
+
+def _launch_dir() -> Path:
+    """The directory the command was started in (Hydra's, should a job change into its run dir)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(hydra.utils.get_original_cwd())
+    return Path.cwd()
+
+
+def _tracked_as(run_dir: Path) -> tuple[str, dict]:
+    """A new MLflow run's name (its overrides) and tags (run dir; sweep dir and job number)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    tags = {"pipeline.run_dir": str(run_dir.absolute()), "mlflow.source.name": "pipeline.train"}
+    if not HydraConfig.initialized():
+        return run_dir.name, tags
+    hydra_cfg = HydraConfig.get()
+    overrides = [str(o) for o in hydra_cfg.overrides.task]
+    unnamed = ("logger", "resume", "hydra")  # where the run goes, not what it trains
+    named = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in unnamed]
+    tags["pipeline.overrides"] = " ".join(overrides)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        tags["pipeline.sweep_dir"] = str(Path(hydra_cfg.sweep.dir).absolute())
+        tags["pipeline.job"] = str(hydra_cfg.job.num)
+    return ",".join(named) or run_dir.name, tags
+
+
+def tracking_params(cfg: DictConfig, run_dir: Path) -> dict:
+    """The run's parameters for a tracker: the composed config, flattened, and its options.
+
+    Every key (``optimizer.lr``: 0.1, ``trainer.epochs``: 20, ...) but the loggers'
+    own settings and ``resume``, plus the group options the run was composed from
+    (``model``: ``resnet20``; from ``<run_dir>/.hydra/hydra.yaml``, so a resumed run
+    reports its own).
+    """
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that resolves only inside a Hydra app: as written
+        tree = OmegaConf.to_container(cfg, resolve=False)
+    params = {}
+    for key, value in tree.items():
+        if key not in ("logger", "resume", "hydra"):
+            _flatten(value, str(key), params)
+    hydra_file = Path(run_dir) / ".hydra" / "hydra.yaml"
+    if hydra_file.is_file():
+        choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
+        params.update({str(g): v for g, v in choices.items() if "/" not in str(g)})
+    return params
+
+
+def _flatten(value, key: str, into: dict) -> None:
+    if isinstance(value, dict) and value:
+        for child, inner in value.items():
+            _flatten(inner, f"{key}.{child}", into)
+    else:
+        into[key] = value
 
 
 def prepare_run_dir(cfg: DictConfig, run_dir) -> Path:
@@ -564,7 +784,7 @@ def require_run_dir(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "run_dir"):
         raise PipelineError(
             "run_dir=... is required: the directory of a finished training run, "
-            "e.g. run_dir=outputs/2026-01-01/12-00-00"
+            "e.g. run_dir=outputs/2026-01-01/12-00-00-a1b2c3"
         )
 
 
@@ -578,7 +798,9 @@ def hparams_of(cfg: DictConfig) -> dict:
     hydra_cfg = HydraConfig.get()
     for override in hydra_cfg.overrides.task:
         key, _, raw = override.lstrip("+~").partition("=")
-        if key.startswith("hydra") or key in NOT_HPARAMS or "/" in key or "@" in key:
+        if key.startswith("hydra") or "/" in key or "@" in key:
+            continue
+        if key in NOT_HPARAMS or key.partition(".")[0] in NOT_HPARAMS:  # logger.mlflow.*
             continue
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, (DictConfig, ListConfig)):  # a group choice (model=resnet20)

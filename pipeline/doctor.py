@@ -26,6 +26,7 @@ from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
+from pipeline.terminal import quiet_tensorflow
 from pipeline.training.devices import PRECISIONS, STRATEGIES, Devices, plan
 
 NVIDIA_SMI_FIELDS = ("name", "driver_version", "memory.total", "compute_cap")
@@ -650,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         help="as trainer.deterministic=true (auto keeps XLA off)",
     )
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info lines
+    quiet_tensorflow()  # TensorFlow's C++ start-up lines (not when TF_CPP_MIN_LOG_LEVEL is set)
     try:
         result = report(
             strategy=args.strategy,

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from pipeline.config import hydra_main, require_run_dir
 from pipeline.errors import user_errors
 from pipeline.evaluation.report import evaluate
+from pipeline.terminal import quiet_tensorflow
 
 __all__ = ["evaluate", "main"]
 
@@ -20,6 +21,7 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point (see ``conf/evaluate.yaml``)."""
     with user_errors():
         require_run_dir(cfg)
+        quiet_tensorflow()
         evaluate(
             cfg.run_dir,
             checkpoint=cfg.checkpoint,

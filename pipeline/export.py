@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig
 from pipeline.config import hydra_main, require_run_dir
 from pipeline.errors import user_errors
 from pipeline.exporting import export_run
+from pipeline.terminal import quiet_tensorflow
 
 __all__ = ["export_run", "main"]
 
@@ -36,6 +37,7 @@ def main(cfg: DictConfig) -> None:
     formats = list(cfg.format) if isinstance(cfg.format, ListConfig) else [cfg.format]
     with user_errors():
         require_run_dir(cfg)
+        quiet_tensorflow()
         report = export_run(
             cfg.run_dir,
             formats=formats,

@@ -13,8 +13,12 @@ Each format goes to ``<run_dir>/export/`` with the class names beside or inside 
 - ``model.tflite`` + ``class_names.json``: LiteRT through Keras's own
   ``model.export(format="litert")``; float32 pixels ``[N, S, S, 3]`` ->
   probabilities. Checking it needs the ``ai-edge-litert`` package.
+- ``model.onnx`` + ``class_names.json``: ONNX through Keras's own
+  ``model.export(format="onnx")`` (tf2onnx); float32 pixels ``[N, S, S, 3]`` on
+  0..255 (input ``pixels``) -> probabilities; checked with onnxruntime. Both come
+  with ``pip install "pipeline-cnn-trainer[onnx]"``.
 
-With ``tta=flip|flip_translate`` the SavedModel and LiteRT exports hold the
+With ``tta=flip|flip_translate`` the SavedModel, LiteRT and ONNX exports hold the
 test-time augmentation (``pipeline.evaluation.tta``): they return the softmax of the
 logits averaged over the views. A ``.keras`` file holds the plain model only
 (``python -m pipeline.predict MODEL.keras --tta ...`` adds TTA when predicting),
@@ -24,7 +28,8 @@ The model is rebuilt in float32 (a mixed-precision run's weights are float32).
 After each export a parity check runs the exported model on a fixed batch and
 compares its probabilities with the in-memory model's (wrapped in the same
 TTA); the largest absolute difference goes to ``export/parity.json`` and must
-be at most ``1e-4``.
+be at most ``1e-4``. Each export and each check prints one line with its
+seconds on standard error.
 
 The checkpoint is checked against the SHA-256 in the run's manifest before it
 is loaded, and each exported artifact's SHA-256 is recorded there in turn (when
@@ -34,6 +39,7 @@ the export goes inside the run directory), so predict can check it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -44,17 +50,21 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline import progress
 from pipeline.errors import PipelineError
 from pipeline.runs import hashes
 
 log = logging.getLogger("pipeline.export")
 
-FORMATS = ("saved_model", "keras", "tflite")
-TTA_FORMATS = ("saved_model", "tflite")  # a .keras file cannot hold the TTA wrapper layer
+FORMATS = ("saved_model", "keras", "tflite", "onnx")
+TTA_FORMATS = ("saved_model", "tflite", "onnx")  # a .keras file cannot hold the TTA wrapper layer
 PARITY_TOLERANCE = 1e-4  # max abs difference of probabilities, both in float32
 PARITY_BATCH = 8  # images in the parity batch
 PARITY_EXTRA_PIXELS = (9, 5)  # the batch is larger than the model's input, so resizing runs
 LITERT_PACKAGE = "ai-edge-litert"
+ONNX_PACKAGES = ("tf2onnx", "onnxruntime")  # writing (through Keras), and running the export
+ONNX_INSTALL = 'pip install "pipeline-cnn-trainer[onnx]" (in a checkout: pip install -e ".[onnx]")'
+ONNX_INPUT = "pixels"  # the ONNX graph's input name
 
 
 def export_run(
@@ -69,11 +79,11 @@ def export_run(
 
     Args:
         run_dir: a directory written by ``pipeline.train``.
-        formats: any of ``saved_model``, ``keras``, ``tflite``.
+        formats: any of ``saved_model``, ``keras``, ``tflite``, ``onnx``.
         checkpoint: ``final`` (``model.keras``), ``best`` or ``last``.
         out_dir: where to write; defaults to ``<run_dir>/export``.
         tta: test-time augmentation baked into the exports: ``none``,
-            ``flip`` or ``flip_translate`` (``saved_model`` and ``tflite`` only).
+            ``flip`` or ``flip_translate`` (``saved_model``, ``tflite``, ``onnx``).
 
     Returns:
         The parity report (also in ``<out_dir>/parity.json``).
@@ -155,16 +165,14 @@ def export_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     batch = _parity_batch(model, image_size, resize)
-    report = {
-        **(provenance or {}),
-        "tta": tta,
-        "tolerance": PARITY_TOLERANCE,
-        "batch_shape": list(batch.raw.shape),
-        "formats": {},
-    }
+    report = {**(provenance or {}), "tta": tta, "tolerance": PARITY_TOLERANCE}
+    report.update(batch_shape=list(batch.raw.shape), formats={})
     info = {"class_names": list(class_names), "image_size": int(image_size), "resize": resize}
     for fmt in formats:
-        path, got = _export_format(fmt, model, out, info, tta, batch)
+        with progress.timed(fmt, done="exported"):
+            path = _write_format(fmt, model, out, info, tta, batch)
+        with progress.timed(fmt, done="parity checked"):
+            got = _run_format(fmt, path, batch, info["class_names"])
         diff = float(np.max(np.abs(got - batch.expected)))
         # per format too: parity.json keeps earlier exports' entries, perhaps of another tta
         report["formats"][fmt] = {"path": path.name, "max_abs_diff": diff, "tta": tta}
@@ -174,28 +182,35 @@ def export_model(
     return report
 
 
-def _export_format(
-    fmt: str, model, out: Path, info: dict, tta: str, batch: ParityBatch
-) -> tuple[Path, np.ndarray]:
-    """Writes one format into ``out`` and runs the written model on the parity batch.
-
-    Returns:
-        ``(path, probabilities)``: what was written, and what it returned.
-    """
+def _write_format(fmt: str, model, out: Path, info: dict, tta: str, batch: ParityBatch) -> Path:
+    """Writes one format into ``out``, ``class_names.json`` beside a file; returns its path."""
     if fmt == "saved_model":
         path = out / "saved_model"
         export_saved_model(model, path, **info, tta=tta)
-        return path, _run_saved_model(path, batch.raw, info["class_names"])
+        return path
     if fmt == "keras":
         path = out / "model.keras"
         model.save(path)
-        got = _run_keras(path, batch.resized)
-    else:
+    elif fmt == "tflite":
         path = out / "model.tflite"
         _export_tflite(model, path)
-        got = _run_tflite(path, batch.resized)
+    else:
+        path = out / "model.onnx"
+        _export_onnx(model, path, batch.resized)
     (out / "class_names.json").write_text(json.dumps(info, indent=2) + "\n")
-    return path, got
+    return path
+
+
+def _run_format(fmt: str, path: Path, batch: ParityBatch, class_names: list[str]) -> np.ndarray:
+    """The written model's probabilities on the parity batch."""
+    if fmt == "saved_model":
+        return _run_saved_model(path, batch.raw, class_names)
+    if fmt == "keras":
+        return _run_keras(path, batch.resized)
+    if fmt == "tflite":
+        return _run_tflite(path, batch.resized)
+    # on the CPU: a GPU provider may compute in TF32, which is not what is being checked
+    return OnnxModel(path, providers=["CPUExecutionProvider"])(batch.resized)
 
 
 def _check_parity(out: Path, report: dict) -> None:
@@ -267,6 +282,128 @@ def _export_tflite(model, path: Path) -> None:
     with_softmax.export(str(path), format="litert", verbose=False)
 
 
+def _export_onnx(model, path: Path, resized: np.ndarray) -> None:
+    """ONNX through Keras (tf2onnx): pixels in, probabilities out.
+
+    Keras exports only a model that has been called, so the softmax-topped
+    model is called on the parity images first.
+    """
+    import warnings
+
+    import keras
+    import tensorflow as tf
+
+    require_onnx()
+    softmax = keras.layers.Softmax(dtype="float32", name="probabilities")
+    with_softmax = keras.Model(model.inputs[0], softmax(model.outputs[0]))  # one input, as called
+    with_softmax(resized[:1], training=False)
+    spec = tf.TensorSpec([None, *resized.shape[1:]], tf.float32, name=ONNX_INPUT)
+    path.unlink(missing_ok=True)
+    converter_log = logging.getLogger("tf2onnx")
+    level = converter_log.level
+    converter_log.setLevel(logging.WARNING)  # its INFO notes (opset, optimizer passes) are noise
+    try:
+        with _normalization_as_variables(with_softmax), warnings.catch_warnings():
+            # Keras's NumPy 2 patch of tf2onnx looks up np.object, which warns
+            warnings.filterwarnings("ignore", "In the future `np.object`", FutureWarning)
+            with_softmax.export(str(path), format="onnx", verbose=False, input_signature=[spec])
+    except ImportError as err:  # installed but broken (find_spec found it)
+        raise PipelineError(f"format=onnx: {err}; reinstall: {ONNX_INSTALL}") from err
+    finally:
+        converter_log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _normalization_as_variables(model):
+    """Holds the mean and variance of ``model``'s Normalization layers in variables meanwhile.
+
+    The layer keeps them as constant tensors, which the traced function captures as
+    extra inputs; tf2onnx 1.17 turns those into inputs of the ONNX graph without
+    their values, and onnxruntime then asks for them. Variables are frozen into the
+    graph like every weight. The tensors are put back afterwards.
+    """
+    import keras
+    import tensorflow as tf
+
+    held = [
+        (layer, layer.mean, layer.variance)
+        for layer in model._flatten_layers(include_self=False)  # nested models, TTA's too
+        if isinstance(layer, keras.layers.Normalization) and layer.mean is not None
+    ]
+    try:
+        for layer, mean, variance in held:
+            layer.mean = tf.Variable(mean, trainable=False, name="mean")
+            layer.variance = tf.Variable(variance, trainable=False, name="variance")
+        yield
+    finally:
+        for layer, mean, variance in held:
+            layer.mean, layer.variance = mean, variance
+
+
+def require_onnx(what: str = "format=onnx", packages: Sequence[str] = ONNX_PACKAGES) -> None:
+    """Checks that ``packages`` (tf2onnx, onnxruntime) can be imported, importing none of them.
+
+    Args:
+        what: what needs them, for the message (``format=onnx``, the MODEL file).
+        packages: the packages to look for.
+
+    Raises:
+        PipelineError: naming the missing ones and the extra that installs them.
+    """
+    import importlib.util
+
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        raise PipelineError(f"{what} needs {' and '.join(missing)}, not installed: {ONNX_INSTALL}")
+
+
+class OnnxModel:
+    """An ONNX file run by onnxruntime: ``model(pixels) -> probabilities``.
+
+    Args:
+        path: the ``.onnx`` file.
+        providers: onnxruntime's execution providers; None: every one available.
+
+    Attributes:
+        input_shape: the input's ``(N, H, W, C)``, None where the size is free.
+        output_shape: the first output's shape, likewise.
+
+    Raises:
+        PipelineError: onnxruntime is missing, or the file is not a model it can run.
+    """
+
+    def __init__(self, path, *, providers: Sequence[str] | None = None):
+        require_onnx(str(path), ["onnxruntime"])
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # errors only: its graph-optimizer notes are not the user's
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=list(providers or ort.get_available_providers())
+            )
+        except Exception as err:  # onnxruntime raises its own types (Fail, InvalidGraph, ...)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PipelineError(
+                f"{path} cannot be loaded as an ONNX model ({first[:300]}); export it again with "
+                "python -m pipeline.export run_dir=RUN format=onnx"
+            ) from err
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise PipelineError(
+                f"{path} takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); a "
+                f"pipeline export takes one ({ONNX_INPUT}). Export it with python -m "
+                "pipeline.export run_dir=RUN format=onnx"
+            )
+        self._input, self._output = inputs[0], self.session.get_outputs()[0]
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in self._input.shape)
+        self.output_shape = tuple(d if isinstance(d, int) else None for d in self._output.shape)
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        feed = {self._input.name: np.ascontiguousarray(pixels, np.float32)}
+        return self.session.run([self._output.name], feed)[0]
+
+
 def require_litert():
     """Returns LiteRT's ``Interpreter`` class.
 
@@ -295,7 +432,8 @@ def check_formats(formats, *, tta: str = "none") -> list[str]:
 
     Raises:
         PipelineError: an unknown format or TTA mode, a TTA mode with a format
-            that cannot hold it, or LiteRT missing for ``tflite``.
+            that cannot hold it, LiteRT missing for ``tflite``, or tf2onnx or
+            onnxruntime missing for ``onnx``.
     """
     from pipeline.evaluation.tta import check_mode
 
@@ -310,12 +448,14 @@ def check_formats(formats, *, tta: str = "none") -> list[str]:
     plain_only = [f for f in formats if f not in TTA_FORMATS]
     if check_mode(tta, "tta") != "none" and plain_only:
         raise PipelineError(
-            f"tta={tta} can be baked into {' and '.join(TTA_FORMATS)} only, not {plain_only}: "
+            f"tta={tta} can be baked into {', '.join(TTA_FORMATS)} only, not {plain_only}: "
             "a .keras file holds the plain model. Export keras with tta=none and predict with "
             f"python -m pipeline.predict MODEL.keras --tta {tta}, or drop it from the formats."
         )
     if "tflite" in formats:
         require_litert()  # before anything is written
+    if "onnx" in formats:
+        require_onnx()
     return formats
 
 

@@ -7,7 +7,10 @@ MODEL is one of:
 - a ``.keras`` file: class names, image size and resize mode from the
   ``class_names.json`` that ``pipeline.export`` writes beside it; without one,
   classes are numbered and images are center-cropped (``crop``);
-- an exported SavedModel directory (``python -m pipeline.export``).
+- an exported SavedModel directory (``python -m pipeline.export``);
+- an exported ``.onnx`` file (``python -m pipeline.export ... format=onnx``), run
+  by onnxruntime, with the ``class_names.json`` written beside it (required: it
+  holds the classes and the resize mode).
 
 Folders are searched recursively for images (jpg, jpeg, png, bmp, gif). Every
 file is read with Pillow (converted to RGB, the first frame of a GIF), resized
@@ -19,9 +22,12 @@ renamed, so a failed write leaves the file as it was).
 
 ``--tta flip|flip_translate`` averages the model's logits over mirrored (and
 one-pixel shifted) views of each image before the softmax (``pipeline.evaluation.tta``),
-for a run directory or a ``.keras`` file. A SavedModel serves the test-time
-augmentation it was exported with (``python -m pipeline.export ... tta=flip``);
-``--tta`` cannot add one to it and is refused.
+for a run directory or a ``.keras`` file. A SavedModel or ONNX file serves the
+test-time augmentation it was exported with (``python -m pipeline.export ...
+tta=flip``); ``--tta`` cannot add one to it and is refused.
+
+Results go to standard output (or ``--output``); the progress (images done,
+images/s, time left) goes to standard error.
 
 Before decoding, each file's header is read: files that are not images, and
 images of more than ``--max-pixels`` pixels (default: the run's
@@ -46,9 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import security
+from pipeline import progress, security
 from pipeline.errors import PipelineError
 from pipeline.runs import hashes
+from pipeline.terminal import quiet_tensorflow
 
 BATCH_SIZE = 64  # images per model call
 OUTPUT_FORMATS = ("table", "json", "csv")
@@ -77,7 +84,7 @@ class Predictor:
 
 
 def load_predictor(model_path, *, allow_unsafe_h5: bool = False, tta: str = "none") -> Predictor:
-    """Loads MODEL: a run directory, a ``.keras`` file or a SavedModel directory.
+    """Loads MODEL: a run directory, a ``.keras`` file, a SavedModel directory or a ``.onnx`` file.
 
     A model inside a training run (the run itself, or its ``export/``) is
     checked against the SHA-256 in the run's manifest first.
@@ -87,12 +94,13 @@ def load_predictor(model_path, *, allow_unsafe_h5: bool = False, tta: str = "non
         allow_unsafe_h5: also load a legacy full-model ``.h5``/``.hdf5`` file,
             which can run code when loaded.
         tta: test-time augmentation wrapped around a Keras model: ``none``,
-            ``flip`` or ``flip_translate``; only ``none`` for a SavedModel.
+            ``flip`` or ``flip_translate``; only ``none`` for a SavedModel or ONNX file.
 
     Raises:
         PipelineError: the path is none of these, the model changed since it
             was saved, holds code (a Lambda layer, an unallowed .h5), or cannot
-            be loaded; a bad ``tta``, or one asked of a SavedModel.
+            be loaded; a bad ``tta``, or one asked of a SavedModel or ONNX file;
+            an ONNX file without its ``class_names.json`` or onnxruntime.
     """
     from pipeline.evaluation.tta import check_mode
 
@@ -103,16 +111,15 @@ def load_predictor(model_path, *, allow_unsafe_h5: bool = False, tta: str = "non
     run_dir = hashes.find_run_dir(path.parent)
     max_pixels = _run_max_pixels(run_dir) if run_dir else DEFAULT_MAX_PIXELS
     if path.is_dir() and (path / "saved_model.pb").is_file():
-        if tta != "none":
-            raise PipelineError(
-                f"--tta {tta} cannot be added to the SavedModel {path}: it serves what was "
-                f"exported. Export it with TTA instead (python -m pipeline.export run_dir=RUN "
-                f"tta={tta}, or export.tta={tta} when training), or pass the run directory or "
-                "a .keras file with --tta."
-            )
+        _refuse_tta(path, "the SavedModel", tta)
         if run_dir:
             hashes.verify_artifact(run_dir, path)
         return _saved_model_predictor(path, max_pixels)
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        _refuse_tta(path, "the ONNX model", tta)
+        if run_dir:
+            hashes.verify_artifact(run_dir, path)
+        return _onnx_predictor(path, max_pixels)
     if path.is_file() and path.suffix.lower() in (".keras", *security.LEGACY_MODEL_SUFFIXES):
         if run_dir:
             hashes.verify_artifact(run_dir, path)
@@ -122,8 +129,19 @@ def load_predictor(model_path, *, allow_unsafe_h5: bool = False, tta: str = "non
         return _keras_predictor(model, path, info.get("class_names"), resize, max_pixels, tta)
     raise PipelineError(
         f"MODEL={str(model_path)!r} is not a training run directory (with manifest.json), a "
-        ".keras file or a SavedModel directory (with saved_model.pb)."
+        ".keras file, a SavedModel directory (with saved_model.pb) or a .onnx file."
     )
+
+
+def _refuse_tta(path: Path, what: str, tta: str) -> None:
+    """An exported model serves the TTA it was exported with: ``--tta`` cannot add one."""
+    if tta != "none":
+        raise PipelineError(
+            f"--tta {tta} cannot be added to {what} {path}: it serves what was "
+            f"exported. Export it with TTA instead (python -m pipeline.export run_dir=RUN "
+            f"tta={tta}, or export.tta={tta} when training), or pass the run directory or "
+            "a .keras file with --tta."
+        )
 
 
 def _read_class_names(info_file: Path) -> dict:
@@ -240,6 +258,41 @@ def _saved_model_predictor(path: Path, max_pixels: int) -> Predictor:
     return Predictor(class_names, image_size, resize, probabilities, max_pixels)
 
 
+def _onnx_predictor(path: Path, max_pixels: int) -> Predictor:
+    """An exported ``.onnx`` file: float32 pixels at its size in, probabilities out.
+
+    Raises:
+        PipelineError: no ``class_names.json`` beside it, or one that does not
+            match it; onnxruntime missing; a file onnxruntime cannot load.
+    """
+    from pipeline.exporting import OnnxModel
+
+    info_file = path.parent / "class_names.json"
+    if not info_file.is_file():
+        raise PipelineError(
+            f"{info_file} is missing: an ONNX MODEL needs the class_names.json that "
+            "python -m pipeline.export writes beside it; copy it along with the .onnx file"
+        )
+    info = _read_class_names(info_file)
+    model = OnnxModel(path)
+    _, height, width, _ = model.input_shape
+    names = info.get("class_names") or []
+    size = info.get("image_size", height)
+    if not height or not height == width == size or model.output_shape[-1] != len(names):
+        raise PipelineError(
+            f"{path} takes pixels {list(model.input_shape)} and gives {model.output_shape[-1]} "
+            f"probabilities, but {info_file} lists {len(names)} classes at {size} px: it "
+            "belongs to another model, or the file is not a pipeline export (python -m "
+            "pipeline.export run_dir=RUN format=onnx)."
+        )
+
+    def probabilities(images: np.ndarray) -> np.ndarray:
+        return model(images.astype(np.float32))
+
+    resize = info.get("resize", DEFAULT_RESIZE)
+    return Predictor(list(names), int(height), resize, probabilities, max_pixels)
+
+
 def list_inputs(inputs: list[str]) -> list[tuple[str, str | None]]:
     """Expands folders into their image files, in order.
 
@@ -335,7 +388,7 @@ def predict(
     allow_unsafe_h5: bool = False,
     tta: str = "none",
 ):
-    """Classifies every image in ``inputs``.
+    """Classifies every image in ``inputs``; the progress goes to standard error.
 
     Args:
         model_path: MODEL (see the module docstring).
@@ -365,8 +418,11 @@ def predict(
     limit = max_pixels or predictor.max_pixels
     rows = [{"file": f, "predictions": [], "error": e} for f, e in list_inputs(inputs)]
     pending = [row for row in rows if row["error"] is None]
-    for start in range(0, len(pending), batch_size):
-        _classify(predictor, pending[start : start + batch_size], limit, top_k)
+    with progress.Progress("classifying", len(pending)) as bar:
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            _classify(predictor, batch, limit, top_k)
+            bar.advance(len(batch))
     return rows
 
 
@@ -462,13 +518,15 @@ def write_output(path: Path, text: str) -> None:
         ) from err
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.predict",
-        description="Classify images with a trained run, a .keras file or an exported SavedModel.",
+        description="Classify images with a trained run, a .keras file, an exported SavedModel "
+        "or an exported .onnx file.",
     )
-    parser.add_argument("model", metavar="MODEL", help="run directory, .keras file or SavedModel")
+    parser.add_argument(
+        "model", metavar="MODEL", help="run directory, .keras file, SavedModel or .onnx file"
+    )
     parser.add_argument("inputs", metavar="IMAGE_OR_FOLDER", nargs="+", help="images or folders")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--format", choices=OUTPUT_FORMATS, default="table", dest="output_format")
@@ -492,10 +550,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MODE",
         # checked by predict(), which words the error as every other command does
         help="test-time augmentation for a run directory or .keras MODEL: none (default), flip "
-        "(image and mirror) or flip_translate (also shifted one pixel); a SavedModel keeps the "
-        "one it was exported with",
+        "(image and mirror) or flip_translate (also shifted one pixel); a SavedModel or .onnx "
+        "file keeps the one it was exported with",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code."""
+    args = _parser().parse_args(argv)
+    quiet_tensorflow()
     try:
         if args.output:
             check_output(Path(args.output))  # before any image is classified

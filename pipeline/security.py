@@ -47,7 +47,11 @@ ALLOWED_TARGETS = frozenset(  # what a job's config may instantiate: classes, na
         "keras.metrics.CategoricalAccuracy",
         "keras.metrics.SparseCategoricalAccuracy",
         "keras.metrics.SparseTopKCategoricalAccuracy",
-        # callbacks that write no files (ModelCheckpoint, CSVLogger, ... take a path)
+        # callbacks (trainer.callbacks) that act on the training in memory only. Not listed:
+        # those that write where the config says (ModelCheckpoint, BackupAndRestore,
+        # CSVLogger, TensorBoard: the run dir has its own), run code (LambdaCallback) or
+        # send the metrics away (RemoteMonitor). ReduceLROnPlateau is safe, but
+        # pipeline.config refuses it: it cannot change our scheduled learning rate.
         "keras.callbacks.EarlyStopping",
         "keras.callbacks.ReduceLROnPlateau",
         "keras.callbacks.TerminateOnNaN",

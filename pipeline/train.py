@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline import config
+from pipeline import config, terminal
 from pipeline.data.sources import get_source
 from pipeline.errors import PipelineError, carried_user_error
 from pipeline.runs import hparams, rundir, sweep
@@ -46,6 +46,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
     started = time.perf_counter()
     config.check_config(cfg)
     config.select_backend(cfg.get("backend", "tensorflow"))
+    terminal.quiet_tensorflow()  # tf.data runs on TensorFlow whatever the backend
     if not get_source(cfg.data.source).for_training:
         raise PipelineError(
             f"data={cfg.data.source} is for `python -m pipeline.bench` only; pick real data"
@@ -57,29 +58,36 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         from pipeline.training import distributed
 
         run_dir = config.prepare_run_dir(cfg, distributed.worker_run_dir(run_dir))
-    with rundir.locked(run_dir), _full_disk_is_one_line(shared_dir):
+    with (
+        rundir.locked(run_dir),
+        _full_disk_is_one_line(shared_dir),
+        _tracking(cfg, run_dir, chief=run_dir == shared_dir) as tracker,
+    ):
         machine = _machine_report(cfg, devices, plan)
         source, bundle = _load_data(cfg, run_dir)
         build_model, build_optimizer, peak_lr = config.model_factories(cfg, bundle)
-        result = _fit(
-            cfg, strategy, plan, (build_model, build_optimizer), bundle, source, run_dir, shared_dir
-        )
+        factories = (build_model, build_optimizer)
+        result = _fit(cfg, strategy, plan, factories, bundle, source, run_dir, shared_dir, tracker)
         metrics = {
             **result.metrics,
             "backend": cfg.get("backend", "tensorflow"),
             "peak_lr": peak_lr,
             "wall_time_s": time.perf_counter() - started,
+            **({"limit_batches": bundle.limit_batches} if bundle.limit_batches else {}),
         }
-        _finish(cfg, run_dir, result, metrics, (devices, plan, machine), (source, bundle))
-    _print_summary(metrics, run_dir)
+        _finish(cfg, run_dir, result, metrics, (devices, plan, machine), (source, bundle), tracker)
+    _print_summary(metrics, run_dir, config.loggers(cfg))
     return metrics
 
 
-def _finish(cfg: DictConfig, run_dir: Path, result, metrics: dict, machine_info, data) -> None:
+def _finish(
+    cfg: DictConfig, run_dir: Path, result, metrics: dict, machine_info, data, tracker=None
+) -> None:
     """What a run does after training, each step safe to redo (``resume=`` redoes them all).
 
-    ``model.keras``, history, manifest and hashes, exports, HParams, and
-    ``metrics.json`` last: it marks the run finished (``pipeline.runs.target.FINISHED``).
+    ``model.keras``, history, manifest and hashes, exports, HParams, the MLflow run's
+    final metrics and artifacts, and ``metrics.json`` last: it marks the run finished
+    (``pipeline.runs.target.FINISHED``).
     """
     from pipeline.runs import manifest
     from pipeline.training.callbacks import kill_point
@@ -90,8 +98,39 @@ def _finish(cfg: DictConfig, run_dir: Path, result, metrics: dict, machine_info,
     _write_records(cfg, run_dir, result, machine_info, *data)
     kill_point("export")
     _export(cfg, run_dir, metrics)
-    hparams.log_run(run_dir, config.hparams_of(cfg), metrics)
+    if "tensorboard" in config.loggers(cfg):
+        hparams.log_run(run_dir, config.hparams_of(cfg), metrics, objective=cfg.objective.metric)
+    if tracker is not None:
+        tracker.log_final(metrics, run_dir, images=_pictures(result.model, data[1]))
     manifest.write_json(run_dir / "metrics.json", metrics)
+
+
+def _pictures(model, bundle) -> dict:
+    """The final model's confusion matrix on the test split (else validation), for MLflow."""
+    from pipeline.runs import tracking
+
+    split, dataset = ("test", bundle.test) if bundle.test is not None else ("val", bundle.val)
+    if dataset is None:
+        return {}
+    image = tracking.confusion_matrix_image(model, dataset, bundle.class_names)
+    return {f"confusion_matrix_{split}.png": image}
+
+
+@contextlib.contextmanager
+def _tracking(cfg: DictConfig, run_dir: Path, chief: bool):
+    """With ``logger=mlflow``, the run's MLflow run (the chief's only), ended as the run ends.
+
+    Opened before the data are loaded: a tracking server that cannot be reached stops
+    the run before anything is trained. Yields None without MLflow.
+    """
+    settings = config.tracking_settings(cfg, run_dir) if chief else None
+    if settings is None:
+        yield None
+        return
+    from pipeline.runs import tracking
+
+    with tracking.start(run_dir, settings, config.tracking_params(cfg, run_dir)).ended() as run:
+        yield run
 
 
 def _save_model(model, path: Path) -> None:
@@ -162,6 +201,7 @@ def _load_data(cfg: DictConfig, run_dir: Path):
         batch_size=cfg.data.batch_size,
         seed=cfg.seed,
         stats_cache_dir=cache_dir,
+        limit_batches=cfg.trainer.get("limit_batches"),
         **aug,
     )
     manifest.write_json(run_dir / "stats.json", bundle.stats)
@@ -180,13 +220,29 @@ def _load_data(cfg: DictConfig, run_dir: Path):
 
 
 def _fit(
-    cfg: DictConfig, strategy, plan, factories, bundle, source, run_dir: Path, shared_dir: Path
+    cfg: DictConfig,
+    strategy,
+    plan,
+    factories,
+    bundle,
+    source,
+    run_dir: Path,
+    shared_dir: Path,
+    tracker=None,
 ):
-    """Hands the config's training settings to ``pipeline.training.loop.fit``."""
+    """Hands the config's training settings to ``pipeline.training.loop.fit``.
+
+    The loggers' callbacks (``metrics.csv``, MLflow's epochs) come after the
+    techniques and ``trainer.callbacks``, so they see every metric those add.
+    """
     from pipeline.runs import target
     from pipeline.training import loop
 
     t = cfg.trainer
+    extra = [
+        *config.technique_callbacks(cfg, bundle),
+        *config.logger_callbacks(cfg, run_dir, tracker),
+    ]
     build_model, build_optimizer = factories
     early = OmegaConf.to_container(t.early_stopping) if t.early_stopping.enabled else None
     training = loop.TrainSettings(
@@ -197,7 +253,7 @@ def _fit(
         preflight=t.preflight,
         class_weight=config.class_weights_for(cfg, bundle),
         early_stopping=early,
-        extra_callbacks=config.technique_callbacks(cfg, bundle),
+        extra_callbacks=extra,
     )
     checkpoints = loop.CheckpointSettings(
         monitor=t.checkpoint_monitor,
@@ -206,12 +262,6 @@ def _fit(
         restore_dir=shared_dir / "backup",
         signature=target.signature(cfg, bundle, source),
         finished=(shared_dir / target.FINISHED).exists(),
-    )
-    reports = loop.ReportSettings(
-        verbose=t.verbose,
-        profile_batches=t.profile_batches,
-        confusion_matrix_every=t.confusion_matrix_every,
-        tta=t.get("tta", "none"),
     )
     return loop.fit(
         strategy=strategy,
@@ -222,7 +272,22 @@ def _fit(
         run_dir=run_dir,
         training=training,
         checkpoints=checkpoints,
-        reports=reports,
+        reports=_report_settings(cfg),
+    )
+
+
+def _report_settings(cfg: DictConfig):
+    """``loop.ReportSettings``: console, TensorBoard (if ``logger=`` has it), TTA."""
+    from pipeline.training import loop
+
+    t = cfg.trainer
+    return loop.ReportSettings(
+        verbose=t.verbose,
+        profile_batches=t.profile_batches,
+        confusion_matrix_every=t.confusion_matrix_every,
+        tta=t.get("tta", "none"),
+        tensorboard="tensorboard" in config.loggers(cfg),
+        log_every_steps=t.get("log_every_steps"),
     )
 
 
@@ -282,7 +347,7 @@ def _export(cfg: DictConfig, run_dir: Path, metrics: dict) -> None:
     )
 
 
-def _print_summary(metrics: dict, run_dir: Path) -> None:
+def _print_summary(metrics: dict, run_dir: Path, loggers: tuple[str, ...]) -> None:
     tta_mode = metrics.get("tta")
     rows = [
         ("test accuracy", f"{metrics.get('test_accuracy', float('nan')):.4f}"),
@@ -294,11 +359,19 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
         ("training time", f"{metrics['train_time_s']:.1f} s"),
         ("images/s", f"{metrics['images_per_sec']:.0f}"),
         ("strategy / replicas", f"{metrics['strategy']} / {metrics['num_replicas']}"),
-        ("precision / XLA", f"{metrics['precision']} / {metrics['jit_compile']}"),
+        ("precision / XLA", f"{metrics['precision']} / {_on_off(metrics['jit_compile'])}"),
         ("run dir", str(run_dir)),
     ]
+    if metrics.get("limit_batches"):
+        rows.append(("limited to", f"{metrics['limit_batches']} batches per epoch and split"))
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows) + "\n", flush=True)
+    print(terminal.next_steps(run_dir, loggers=loggers) + "\n", flush=True)
+
+
+def _on_off(flag) -> str:
+    """Booleans as the doctor's header spells them."""
+    return {True: "on", False: "off"}.get(flag, str(flag))
 
 
 def _job() -> tuple[Path, bool, Path | None]:
@@ -399,9 +472,14 @@ def _exit(err: PipelineError) -> None:
     sys.exit(getattr(err, "exit_code", 2))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``pipeline-train`` and ``python -m pipeline.train``: overrides checked, then ``main``."""
     from pipeline.errors import user_errors
 
     with user_errors():  # Hydra's own message for trainer.epoch=3 suggests +trainer.epoch=3
         config.check_overrides(sys.argv[1:])
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -12,7 +12,17 @@ from conftest import CONF_DIR, REPO, compose
 from pipeline.config import check_config
 from pipeline.errors import PipelineError
 
-GROUPS = ["data", "augment", "model", "optimizer", "schedule", "trainer", "experiment"]
+GROUPS = [
+    "data",
+    "augment",
+    "model",
+    "optimizer",
+    "schedule",
+    "trainer",
+    "experiment",
+    "debug",
+    "logger",
+]
 HYDRA_GROUPS = ["hparams_search", "launcher"]  # set hydra.*: composed in test_sweep.py
 
 

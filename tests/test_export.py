@@ -149,7 +149,10 @@ def test_tflite_export_through_keras_litert(tiny_run, tmp_path):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"formats": ["onnx"]}, "format must be one or more of saved_model, keras, tflite"),
+        (
+            {"formats": ["torchscript"]},
+            "format must be one or more of saved_model, keras, tflite, onnx",
+        ),
         ({"checkpoint": "middle"}, "checkpoint must be one of best, last, final; got 'middle'"),
     ],
 )

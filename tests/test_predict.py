@@ -181,3 +181,14 @@ def test_malformed_class_names_json_is_one_line(tiny_run, mixed_folder, tmp_path
     assert main([str(model), str(mixed_folder / "a.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "class_names.json" in err and len(err.splitlines()) == 1
+
+
+def test_progress_goes_to_stderr_and_stdout_stays_the_results(tiny_run, mixed_folder, capsys):
+    assert main([str(tiny_run), str(mixed_folder), "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)  # stdout is the JSON alone, as before
+    assert [r["file"].rsplit("/", 1)[1] for r in rows] == ["a.png", "b.jpg", "broken.png", "c.gif"]
+    progress = [line for line in captured.err.splitlines() if "classifying" in line]
+    assert len(progress) == 1  # not a terminal: the closing line only, for a short run
+    assert progress[0].startswith("  classifying 4/4 images (") and " images/s, " in progress[0]
+    assert progress[0].endswith(" s)")

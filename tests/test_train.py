@@ -1,6 +1,7 @@
 """`train(cfg)` end to end on tiny data, the pre-flight fallback, and the CLI."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -111,14 +112,35 @@ def test_model_takes_raw_pixels_and_normalizes_inside(tiny_run):
     np.testing.assert_allclose(keras.ops.convert_to_numpy(out), 0.0, atol=1e-4)
 
 
-def test_tensorboard_has_loss_accuracy_lr_and_speed(tiny_run):
-    run_dir, _, _ = tiny_run
+def _tags(folder) -> set[str]:
     tags = set()
-    for event_file in (run_dir / "tensorboard" / "train").glob("events.out.tfevents.*"):
+    for event_file in folder.glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(event_file)):
             tags.update(v.tag for v in event.summary.value)
-    for tag in ("epoch_loss", "epoch_accuracy", "epoch_learning_rate", "epoch_images_per_sec"):
+    return tags
+
+
+def test_tensorboard_has_loss_accuracy_lr_and_speed(tiny_run):
+    run_dir, _, _ = tiny_run
+    tags = _tags(run_dir / "tensorboard" / "train")
+    for tag in (
+        "epoch/loss",
+        "epoch/accuracy",
+        "epoch/lr",
+        "epoch/train_images_per_sec",
+    ):
         assert tag in tags, (tag, tags)
+    assert "images/train_batch_augmented" in tags
+    assert {"epoch/loss", "epoch/accuracy"} <= _tags(run_dir / "tensorboard" / "validation")
+    final = _tags(run_dir / "tensorboard" / "hparams") - {"_hparams_/session_start_info"}
+    assert final == {
+        "result/val_accuracy",
+        "result/val_loss",
+        "result/test_accuracy",
+        "result/test_loss",
+    }
+    everything = set().union(*(_tags(d) for d in (run_dir / "tensorboard").iterdir()))
+    assert not [t for t in everything if t.startswith(("evaluation_", "epoch_", "batch_"))]
 
 
 def test_tfds_dataset_trains_through_mock_data(tmp_path):
@@ -214,14 +236,34 @@ def test_preflight_step_leaves_weights_untouched():
         np.testing.assert_array_equal(a, b)
 
 
-def _cli(*args, timeout=300):
+def _cli(*args, timeout=300, env=None):
     return subprocess.run(
         [sys.executable, "-m", "pipeline.train", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=timeout,
+        env=env,
     )
+
+
+def test_debug_fast_checks_a_config_in_one_short_epoch_with_a_quiet_terminal(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's
+    proc = _cli(*TINY, "debug=fast", f"hydra.run.dir={run_dir}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and metrics["limit_batches"] == 2
+    model = keras.saving.load_model(run_dir / "model.keras")
+    assert int(model.optimizer.iterations.numpy()) == 2  # two training steps in all
+    assert not (run_dir / "export").exists() and not (run_dir / "backup").exists()
+    # TensorFlow's start-up lines are gone (absl's notice, GPU probing, CPU build facts)
+    for noise in ("absl::InitializeLog", "cuInit", "cudart_stub", "oneDNN custom operations"):
+        assert noise not in proc.stderr, proc.stderr
+    assert "precision / XLA      float32 / off" in proc.stdout  # as the first line spells it
+    assert "XLA: off" in proc.stdout and "limited to" in proc.stdout
+    assert f"tensorboard --logdir {run_dir}" in proc.stdout
+    assert f"python -m pipeline.evaluate run_dir={run_dir}" in proc.stdout
 
 
 def test_cli_bad_data_path_is_one_clear_line(tmp_path):

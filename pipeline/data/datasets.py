@@ -56,6 +56,7 @@ class DataBundle:
     std: list[float]
     stats: dict = field(default_factory=dict)
     train_images: tf.data.Dataset | None = None  # decoded, cached, unbatched, in order
+    limit_batches: int | None = None  # batches per epoch and per evaluation; None: all
 
     @property
     def class_names(self) -> list[str]:
@@ -70,7 +71,8 @@ class DataBundle:
         return {s: getattr(self.source, s).count for s in ("train", "val", "test")}
 
     def steps_per_epoch(self) -> int:
-        return -(-self.source.train.count // self.batch_size)
+        steps = -(-self.source.train.count // self.batch_size)
+        return min(steps, self.limit_batches) if self.limit_batches else steps
 
     def sample_images(self, n: int) -> np.ndarray:
         """Up to ``n`` training images spread evenly over the split, unaugmented.
@@ -106,7 +108,7 @@ def channel_stats(
     pixels = 0
     bar = None
     if count >= 20_000:  # a bar on a terminal, one closing line in a log
-        bar = keras.utils.Progbar(count, unit_name="image", verbose=1 if sys.stderr.isatty() else 2)
+        bar = keras.utils.Progbar(count, unit_name="image", verbose=1 if sys.stdout.isatty() else 2)
     for batch, labels in images.batch(STATS_BATCH).prefetch(tf.data.AUTOTUNE):
         x = batch.numpy().reshape(-1, 3).astype(np.float64) / 255.0
         total += x.sum(0)
@@ -224,6 +226,7 @@ def make_datasets(
     mixup_alpha: float = 0.0,
     cutmix_alpha: float = 0.0,
     stats_cache_dir: str | None = None,
+    limit_batches: int | None = None,
 ) -> DataBundle:
     """Returns the batched train/val/test pipelines of a source, decoding each image once.
 
@@ -231,25 +234,22 @@ def make_datasets(
         source: what ``load_source`` returned.
         batch_size: global batch size (split across replicas by Keras).
         seed: shuffling and augmentation seed.
-        crop_padding: padding, in pixels at 32x32 (scaled with the image
-            size), before a random crop back to size; 0 turns cropping off.
+        crop_padding: padding in pixels at 32x32 (scaled with the image size)
+            before a random crop back to size; 0: no cropping.
         pad_mode: ``zeros`` or ``reflect`` (the speed records') padding.
-        flip: True for a random horizontal flip per image and epoch;
-            ``alternating`` for one random flip per image, fixed, which the
-            model's ``AlternatingFlip`` layer reverses on odd epochs (build the
-            model with ``alternating_flip=True``); False for none.
+        flip: True: a random horizontal flip per image and epoch; ``alternating``:
+            one fixed random flip per image, which the model's ``AlternatingFlip``
+            layer reverses on odd epochs (``alternating_flip=True``); False: none.
         randaugment: ``{"num_ops", "factor"}`` for Keras's RandAugment, or None.
-        mixup_alpha: MixUp's alpha; 0 turns it off.
-        cutmix_alpha: CutMix's factor; 0 turns it off.
+        mixup_alpha, cutmix_alpha: MixUp's alpha and CutMix's factor; 0: off.
         stats_cache_dir: where training statistics are cached (None: no cache).
+        limit_batches: only the first N batches of each epoch (freshly shuffled)
+            and of val and test (Lightning's ``limit_*_batches``); None: all.
 
     Raises:
-        PipelineError: a bad batch size or flip, or images of no fixed shape.
+        PipelineError: a bad batch size, flip or limit, or images of no fixed shape.
     """
-    if batch_size < 1:
-        raise PipelineError(f"data.batch_size must be >= 1, got {batch_size}")
-    if flip not in (True, False, "alternating"):
-        raise PipelineError(f"augment.flip must be true, false or alternating, got {flip!r}")
+    _check_batching(batch_size, flip, limit_batches)
     train_images, stats, image_shape = _training_images(source, stats_cache_dir)
     finish = _finish(len(source.class_names))
     per_batch = augment.batch_fn(
@@ -258,12 +258,13 @@ def make_datasets(
     crop_flip = augment.crop_flip_fn(image_shape[0], crop_padding, flip is True, pad_mode=pad_mode)
     batches = functools.partial(_batches, crop_flip=crop_flip, finish=finish, per_batch=per_batch)
     shuffled = _shuffled(train_images, source.train.count, image_shape, seed, flip)
+    limit = (lambda ds: ds.take(limit_batches)) if limit_batches else (lambda ds: ds)
     return DataBundle(
-        train=shard_by_batch(batches(shuffled, batch_size).prefetch(tf.data.AUTOTUNE)),
+        train=shard_by_batch(limit(batches(shuffled, batch_size)).prefetch(tf.data.AUTOTUNE)),
         first_batch=shard_by_batch(train_images.take(batch_size).batch(batch_size).map(finish)),
         preview=batches(train_images.take(PREVIEW_IMAGES), PREVIEW_IMAGES),
-        val=_evaluation(source.val, batch_size, finish) if source.val.count else None,
-        test=_evaluation(source.test, batch_size, finish),
+        val=limit(_evaluation(source.val, batch_size, finish)) if source.val.count else None,
+        test=limit(_evaluation(source.test, batch_size, finish)),
         source=source,
         image_shape=image_shape,
         batch_size=batch_size,
@@ -271,7 +272,19 @@ def make_datasets(
         std=[float(s) for s in stats["std"]],
         stats=stats,
         train_images=train_images,
+        limit_batches=limit_batches,
     )
+
+
+def _check_batching(batch_size: int, flip, limit_batches: int | None) -> None:
+    if batch_size < 1:
+        raise PipelineError(f"data.batch_size must be >= 1, got {batch_size}")
+    if limit_batches is not None and (isinstance(limit_batches, bool) or limit_batches < 1):
+        raise PipelineError(
+            f"trainer.limit_batches must be a whole number >= 1 or null, got {limit_batches!r}"
+        )
+    if flip not in (True, False, "alternating"):
+        raise PipelineError(f"augment.flip must be true, false or alternating, got {flip!r}")
 
 
 def _training_images(source: Source, stats_cache_dir: str | None) -> tuple:

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import check_config, hydra_main, prepare_run_dir
 from pipeline.errors import PipelineError, user_errors
+from pipeline.terminal import quiet_tensorflow
 
 log = logging.getLogger("pipeline.data.inspect")
 
@@ -344,6 +345,7 @@ def _sizes_line(sizes: dict, image_size: int) -> str:
 @hydra_main("config")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: the data keys of ``conf/config.yaml``."""
+    quiet_tensorflow()
     with user_errors(log):
         inspect_data(cfg)
 

@@ -388,11 +388,22 @@ def _save_cache(path: Path, root: Path, files: dict) -> None:
 
 
 def _progress(done: int, total: int, start: float) -> None:
-    if not sys.stderr.isatty() and done not in (total,) and done % 10_000:
+    """``scanning 20000/50000 files (1,658/s, 18 s left)``, in place on a terminal.
+
+    Elsewhere (a log file) a line every 10,000 files and at the end.
+    """
+    terminal = sys.stderr.isatty()
+    if not terminal and done != total and done % 10_000:
         return
     rate = done / max(time.perf_counter() - start, 1e-9)
-    end = "\n" if done == total else "\r"
-    print(f"  scanning {done}/{total} files ({rate:,.0f}/s)", end=end, file=sys.stderr, flush=True)
+    left = f", {(total - done) / rate:,.0f} s left" if done < total and rate > 0 else ""
+    end = "\r" if terminal and done < total else "\n"
+    print(
+        f"  scanning {done}/{total} files ({rate:,.0f}/s{left})",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def scan_folder(

@@ -10,7 +10,7 @@ cross-entropy on those logits. TensorFlow backend only (``GradientTape``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -140,6 +140,7 @@ def robustness_report(
     random_start: bool = True,
     seed: int = 0,
     batch_size: int = BATCH_SIZE,
+    advance: Callable[[float], None] | None = None,
 ) -> dict:
     """Accuracy under FGSM and PGD-``steps`` at each eps, with the report's own sanity checks.
 
@@ -153,6 +154,8 @@ def robustness_report(
         random_start: PGD starts from a random point in the eps-ball.
         seed: seeds PGD's random start.
         batch_size: images per attack step.
+        advance: called with the images done (a fraction of a batch per eps) as
+            the attacks go, for a progress line; None: nothing.
 
     Returns:
         A JSON-ready dict: ``count``, ``clean_accuracy``, ``attacks`` (one
@@ -168,8 +171,9 @@ def robustness_report(
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError(f"need N > 0 images and N labels, got {len(images)} and {len(labels)}")
     pgd_options = {"steps": steps, "step_size": step_size, "random_start": random_start}
+    batches = {"seed": seed, "batch_size": batch_size, "advance": advance or (lambda _: None)}
     clean, rows, grad_norm = _attack_batches(
-        model, images, labels, eps_list, pgd_options, seed=seed, batch_size=batch_size
+        model, images, labels, eps_list, pgd_options, **batches
     )
     checks = _checks(clean, rows, grad_norm)
     return {
@@ -186,9 +190,19 @@ def robustness_report(
 
 
 def _attack_batches(
-    model, images, labels, eps_list: list[float], pgd_options: dict, *, seed: int, batch_size: int
+    model,
+    images,
+    labels,
+    eps_list: list[float],
+    pgd_options: dict,
+    *,
+    seed: int,
+    batch_size: int,
+    advance: Callable[[float], None],
 ) -> tuple[float, list[dict], float]:
     """Attacks ``images`` a batch at a time with FGSM and PGD at each eps.
+
+    ``advance(n)`` is told of the images done after each eps of each batch.
 
     Returns:
         ``(clean accuracy, rows, gradient norm)``: one row per attack and eps
@@ -210,6 +224,7 @@ def _attack_batches(
             correct["fgsm", e] += _hits(model, fgsm(model, x, y, e), y)
             adv = pgd(model, x, y, e, seed=seed + start, **pgd_options)
             correct["pgd", e] += _hits(model, adv, y)
+            advance(len(x) / max(len(eps_list), 1))
     rows = [
         {
             "attack": a,

@@ -10,7 +10,10 @@ runs the model from a checkpoint in float32 and writes:
   test-time-augmented logits (``pipeline.evaluation.tta``);
 - ``confusion_matrix.png`` and ``mistakes.png``;
 
-and logs the numbers and both images to ``<run_dir>/tensorboard/eval``.
+and logs both images to ``<run_dir>/tensorboard/eval`` (the numbers stay in
+``report.json``: TensorBoard would show each as a chart of one point). The
+prediction pass and the attacks show their progress (images done, images/s,
+time left) on standard error (``pipeline.progress``).
 """
 
 from __future__ import annotations
@@ -23,10 +26,18 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pipeline import progress
 from pipeline.errors import PipelineError
 from pipeline.evaluation.attacks import DEFAULT_EPS
 from pipeline.evaluation.metrics import classification_metrics, logsumexp
-from pipeline.evaluation.plots import render_confusion_matrix, render_mistakes
+from pipeline.evaluation.plots import (
+    CONFUSION_MATRIX_TAG,
+    LEGEND,
+    MISTAKES_TAG,
+    mistake_pages,
+    render_confusion_matrix,
+    render_mistakes,
+)
 from pipeline.runs.reader import Run, load_run
 
 log = logging.getLogger("pipeline.evaluate")
@@ -118,14 +129,15 @@ def _folder_split(run: Run, test_path: str) -> EvalSet:
     return EvalSet(split.images, split.members, info)
 
 
-def _predict(model, images, batch_size: int, files: list[Path] | None = None):
-    """Runs the model over uint8 ``(image, label)`` pairs.
+def _predict(model, images, batch_size: int, files: list[Path] | None = None, tta: str = "none"):
+    """Runs the model over uint8 ``(image, label)`` pairs, its progress on standard error.
 
     Args:
         model: the Keras model.
         images: unbatched uint8 ``(image, label)`` pairs.
         batch_size: images per step.
         files: the image files behind ``images``, to name the broken ones.
+        tta: the test-time augmentation ``model`` holds, for the progress line.
 
     Returns:
         ``(logits [N, C], labels [N], mistakes)`` where ``mistakes`` holds the
@@ -139,18 +151,24 @@ def _predict(model, images, batch_size: int, files: list[Path] | None = None):
     )
     all_logits, all_labels, mistakes = [], [], []
     seen = 0
+    count = int(images.cardinality())  # negative: unknown
+    bar = progress.Progress(
+        "evaluating", count if count >= 0 else None, detail="" if tta == "none" else f"tta {tta}"
+    )
     try:
-        for batch, labels in images.batch(batch_size).prefetch(tf.data.AUTOTUNE):
-            logits = np.asarray(forward(batch), np.float64)
-            labels = labels.numpy()
-            probs = np.exp(logits - logsumexp(logits))
-            predicted, confidence = probs.argmax(1), probs.max(1)
-            for i in np.flatnonzero(predicted != labels):
-                mistakes.append((float(confidence[i]), seen + i, int(predicted[i]), batch[i]))
-            mistakes = sorted(mistakes, key=lambda m: (-m[0], m[1]))[:MISTAKES]
-            all_logits.append(logits)
-            all_labels.append(labels)
-            seen += len(labels)
+        with bar:  # its closing line once every batch is done
+            for batch, labels in images.batch(batch_size).prefetch(tf.data.AUTOTUNE):
+                logits = np.asarray(forward(batch), np.float64)
+                labels = labels.numpy()
+                probs = np.exp(logits - logsumexp(logits))
+                predicted, confidence = probs.argmax(1), probs.max(1)
+                for i in np.flatnonzero(predicted != labels):
+                    mistakes.append((float(confidence[i]), seen + i, int(predicted[i]), batch[i]))
+                mistakes = sorted(mistakes, key=lambda m: (-m[0], m[1]))[:MISTAKES]
+                all_logits.append(logits)
+                all_labels.append(labels)
+                seen += len(labels)
+                bar.advance(len(labels))
     except tf.errors.InvalidArgumentError as err:
         broken = [str(f) for f in files or () if not _decodes(f)]
         shown = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
@@ -251,7 +269,7 @@ def _report(
     from pipeline.evaluation.tta import with_tta
 
     logits, labels, mistakes = _predict(
-        with_tta(model, tta), split.images, batch_size, split.files()
+        with_tta(model, tta), split.images, batch_size, split.files(), tta
     )
     names = run.class_names
     report = {
@@ -317,19 +335,20 @@ def _robustness(model, images, batch_size: int, *, max_examples: int, **attack) 
     for batch, label in images.take(max_examples).batch(batch_size):
         pixels.append(batch.numpy())
         labels.append(label.numpy())
-    report = attacks.robustness_report(
-        model,
-        np.concatenate(pixels),
-        np.concatenate(labels),
-        batch_size=batch_size,
-        **attack,
-    )
+    pixels, labels = np.concatenate(pixels), np.concatenate(labels)
+    eps = ", ".join(f"{e * 255:.3g}" for e in attack["eps_list"])
+    detail = f"fgsm and pgd-{attack['steps']} at eps {eps} /255"
+    with progress.Progress("attacking", len(pixels), detail=detail) as bar:
+        report = attacks.robustness_report(
+            model, pixels, labels, batch_size=batch_size, advance=bar.advance, **attack
+        )
     for warning in report["warnings"]:
         log.warning("robustness check failed: %s", warning)
     return report
 
 
 def _write_outputs(report: dict, mistakes: list, out: Path, run: Run) -> None:
+    """``report.json`` and the two PNGs in ``out``; the pictures in TensorBoard's ``eval`` run."""
     import tensorflow as tf
     from PIL import Image
 
@@ -337,15 +356,11 @@ def _write_outputs(report: dict, mistakes: list, out: Path, run: Run) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     names = report["class_names"]
+    images = [img for *_, img in mistakes]
+    captions = [(m["true"], f"{m['predicted']} {m['confidence']:.0%}") for m in report["mistakes"]]
     pictures = {
         "confusion_matrix": render_confusion_matrix(np.array(report["confusion_matrix"]), names),
-        "mistakes": render_mistakes(
-            [img for *_, img in mistakes],
-            [
-                (f"true: {m['true']}", f"pred: {m['predicted']} {m['confidence']:.2f}")
-                for m in report["mistakes"]
-            ],
-        ),
+        "mistakes": render_mistakes(images, captions),
     }
     report["files"] = {}
     for name, picture in pictures.items():
@@ -358,10 +373,9 @@ def _write_outputs(report: dict, mistakes: list, out: Path, run: Run) -> None:
     )
     writer = tf.summary.create_file_writer(str(run.path / "tensorboard" / "eval"))
     with writer.as_default():
-        for key in ("loss", "accuracy", "top_k_accuracy", "macro_f1", "ece"):
-            tf.summary.scalar(f"eval_{key}", report[key], step=step)
-        for name, picture in pictures.items():
-            tf.summary.image(f"eval_{name}", picture[None], step=step)
+        tf.summary.image(CONFUSION_MATRIX_TAG, pictures["confusion_matrix"][None], step=step)
+        pages = mistake_pages(images, captions)  # one card page each, legible at its size
+        tf.summary.image(MISTAKES_TAG, pages, step=step, max_outputs=len(pages), description=LEGEND)
     writer.close()
 
 

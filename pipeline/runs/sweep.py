@@ -4,9 +4,12 @@ A job of a sweep that fails leaves ``failed.json`` (its reason) in its directory
 and returns the worst objective, so the sweep goes on. A job whose process is
 killed outright (SIGKILL, as the out-of-memory killer does) cannot: with
 ``launcher=joblib``, :func:`relaunch_unfinished` runs the jobs left unfinished
-again, one process each, and records those that die again. After the sweep,
-:class:`SweepSummary` (a Hydra callback) reads every job directory and writes
-``summary.md`` and ``summary.csv`` in the sweep directory, sorted by the objective.
+again, one process each, and records those that die again. :class:`SweepSummary`
+(a Hydra callback) names each job's directory by the overrides that vary between
+jobs (``<number>_<key>=<value>,...``, :func:`job_dirname`), which TensorBoard
+shows as the run names; after the sweep it reads every job directory, writes
+``summary.md`` and ``summary.csv`` in the sweep directory, sorted by the
+objective, and the sweep's HParams layout (``pipeline.runs.hparams.log_sweep``).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import yaml
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict, read_write
 
 log = logging.getLogger("pipeline.runs.sweep")
 
@@ -38,7 +41,46 @@ METRICS_FILE = "metrics.json"
 SUMMARY_METRICS = ("val_accuracy", "test_accuracy", "val_loss", "wall_time_s")
 CRASH_REASON = "crashed: worker process killed (SIGKILL? out of memory?)"
 KILL_JOB_ENV = "PIPELINE_TEST_KILL_JOB"  # test hook only: the number of the job to SIGKILL
+JOB_DIR_RESOLVER = (
+    "sweep_job_dir"  # ${sweep_job_dir:${hydra.job.num},${hydra.job.override_dirname}}
+)
+MAX_JOB_DIR = 96  # characters of a job directory's name, at most
+UNSAFE = re.compile(r"[^A-Za-z0-9._,=+-]")  # in a job directory's name: replaced by "_"
+LONG_NUMBER = re.compile(r"\d+\.\d{5,}(?:[eE][-+]?\d+)?|\d+(?:\.\d+)?[eE][-+]?\d+")  # 0.0123456
 _GPU_LOCK = None  # the open lock file of the GPU this process holds, for its whole life
+
+
+def job_dirname(num, overrides: str = "") -> str:
+    """A job's directory name: its number, then its overrides, safe and short.
+
+    ``3`` and ``model=resnet20,optimizer.lr=0.1`` give
+    ``3_model=resnet20,optimizer.lr=0.1``; numbers are cut to 4 significant
+    digits (``optimizer.lr=0.0123456789`` -> ``0.01235``), characters other than
+    letters, digits and ``._,=+-`` become ``_`` and the name stops at
+    :data:`MAX_JOB_DIR` characters. The number keeps names unique and in order.
+
+    Args:
+        num: the job's number (``hydra.job.num``).
+        overrides: ``hydra.job.override_dirname``.
+    """
+    short = LONG_NUMBER.sub(lambda m: f"{float(m[0]):.4g}", str(overrides or ""))
+    name = f"{num}_{UNSAFE.sub('_', short)}" if short else str(num)
+    return name[:MAX_JOB_DIR]
+
+
+def register_resolvers() -> None:
+    """Registers ``${sweep_job_dir:num,overrides}`` (:func:`job_dirname`) with OmegaConf."""
+    OmegaConf.register_new_resolver(JOB_DIR_RESOLVER, job_dirname, replace=True)
+
+
+def constant_overrides(task_overrides: Sequence[str]) -> list[str]:
+    """The keys a multirun's command line sets to one value (``trainer.epochs=1``), not swept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    last = {}  # a key given twice: the last one counts, as in Hydra's sweepers
+    for override in OverridesParser.create().parse_overrides(list(task_overrides)):
+        last[override.key_or_group] = override
+    return [key for key, override in last.items() if not override.is_sweep_override()]
 
 
 def worst_value(direction: str) -> float:
@@ -310,7 +352,13 @@ def _fmt(value) -> str:
 
 
 class SweepSummary(Callback):
-    """Hydra callback: after a multirun, writes and prints the sweep summary.
+    """Hydra callback: names the jobs' directories, then writes and prints the sweep summary.
+
+    As the multirun starts, the keys the command line sets to one value join
+    ``hydra.job.config.override_dirname.exclude_keys`` (through the overrides
+    every job's config is composed with), so ``hydra.job.override_dirname``,
+    and the job directories named from it, hold only what varies between jobs.
+    After it, ``summary.md``, ``summary.csv`` and the HParams layout.
 
     Args:
         sweep_dir: the sweep directory (``${hydra.sweep.dir}``).
@@ -323,8 +371,30 @@ class SweepSummary(Callback):
         self.metric = metric
         self.direction = direction
 
+    def on_multirun_start(self, config, **kwargs) -> None:
+        constant = constant_overrides(config.hydra.overrides.task)
+        if not constant:
+            return
+        excluded = [*config.hydra.job.config.override_dirname.exclude_keys, *constant]
+        keys = ",".join(repr(key) for key in dict.fromkeys(excluded))
+        with read_write(config.hydra.overrides), open_dict(config.hydra.overrides):
+            config.hydra.overrides.hydra.append(
+                f"hydra.job.config.override_dirname.exclude_keys=[{keys}]"
+            )
+
     def on_multirun_end(self, config, **kwargs) -> None:
         if not Path(self.sweep_dir).is_dir():
             return
         print("\n" + write_summary(self.sweep_dir, metric=self.metric, direction=self.direction))
         print(f"\nWritten: {Path(self.sweep_dir) / 'summary.md'} and summary.csv", flush=True)
+        from pipeline.runs import hparams
+
+        try:
+            logdir = hparams.log_sweep(self.sweep_dir, objective=self.metric)
+        except (
+            Exception
+        ) as err:  # the summary is written: a TensorBoard layout is not worth a crash
+            log.warning("The sweep's HParams layout was not written: %s", err)
+            return
+        if logdir is not None:
+            print(f"TensorBoard: tensorboard --logdir {self.sweep_dir}", flush=True)

@@ -42,10 +42,10 @@ STATE_KEY = "__state__"
 SIGNATURE_KEYS = {
     "model": "model",
     "batch_size": "data.batch_size",
-    "image_shape": "the image shape",
-    "class_names": "the class names",
+    "image_shape": "image shape",
+    "class_names": "class names",
     "data_source": "data.source",
-    "data_fingerprint": "the dataset's files (fingerprint)",
+    "data_fingerprint": "dataset files (fingerprint)",
 }
 
 
@@ -189,7 +189,7 @@ def restore(directory: str | os.PathLike, model, signature: dict) -> Restored | 
         differences = signature_differences(state.get("signature", {}), signature)
         if differences:
             raise PipelineError(
-                f"cannot resume from {path}: it was trained with a different "
+                f"cannot resume from {path}: the backup and this run differ in "
                 + "; ".join(differences)
                 + ". Resume with the run's settings, or start a new run in a new directory."
             )

@@ -1,9 +1,16 @@
 """Training callbacks of our own (Keras's are created in ``pipeline.training.loop``).
 
 ``EpochStats`` (images/s), ``RunState`` (backups, a clean stop on SIGTERM or a
-non-finite loss), ``ConfusionMatrixLogger``, and the techniques the config
-turns on: ``Lookahead``, ``FreezeLayers``, ``AlternatingFlipEpochs`` and
-``EvaluateEachEpoch``.
+non-finite loss), TensorBoard's ``TrainingCurves``, ``ConfusionMatrixLogger`` and
+``StepProfiler``, and the techniques the config turns on: ``Lookahead``,
+``FreezeLayers``, ``AlternatingFlipEpochs`` and ``EvaluateEachEpoch``.
+
+TensorBoard sorts its cards by tag and groups them by the tag's first part, so
+the tags are chosen for the order a look at a run wants: ``batch/`` (loss and
+learning rate every few steps), ``epoch/`` (loss, accuracy, learning rate; the
+train, validation and test runs on one chart each), ``images/`` (confusion
+matrix, an augmented batch), and last the final values the HParams dashboard
+needs (``pipeline.runs.hparams``).
 """
 
 from __future__ import annotations
@@ -21,12 +28,17 @@ import numpy as np
 import tensorflow as tf
 
 from pipeline.evaluation.metrics import confusion_matrix
-from pipeline.evaluation.plots import render_confusion_matrix
+from pipeline.evaluation.plots import CONFUSION_MATRIX_TAG, render_confusion_matrix
 from pipeline.training import backups
 
 log = logging.getLogger(__name__)
 
-SUMMARY_TAG = "val_confusion_matrix"
+STEP_GROUP = "batch"  # tags of the curves every few optimizer steps: batch/loss, batch/lr
+EPOCH_GROUP = "epoch"  # tags of the curves per epoch: epoch/loss, epoch/accuracy, ...
+SUMMARY_TAG = CONFUSION_MATRIX_TAG  # images/confusion_matrix, in the run validation
+RUNS = {"val_": "validation", "test_": "test"}  # a log's prefix -> its TensorBoard run
+# "lr" sorts after "loss", so a group's first row shows the loss; images/s: of training only
+RENAMED = {"learning_rate": "lr", "images_per_sec": "train_images_per_sec"}
 KILL_HOOK = "PIPELINE_TEST_KILL_AT"  # test hook: "epoch:step[:TERM]" (1-based) SIGKILLs (or
 # SIGTERMs) this process there
 NAN_HOOK = "PIPELINE_TEST_NAN_AT"  # test hook: "epoch:step" puts a NaN into the weights there
@@ -196,6 +208,170 @@ def _hook(name: str) -> tuple | None:
         return None
     epoch, step, *how = value.split(":")
     return int(epoch), int(step), *(how or ["KILL"])
+
+
+class TrainingCurves(keras.callbacks.TensorBoard):
+    """Keras's TensorBoard callback, its curves named and spaced for a first look at a run.
+
+    Per epoch, ``epoch/<metric>`` into the runs ``train``, ``validation`` and
+    ``test`` (``EvaluateEachEpoch``'s), so that one chart holds a metric of every
+    split, and ``epoch/lr`` (the learning rate) and ``epoch/train_images_per_sec``
+    into ``train``. Every ``every_steps`` optimizer steps, ``batch/loss`` (the
+    mean training loss of the batches since the previous point of that epoch)
+    and ``batch/lr`` at the optimizer's step, so warm-up and one-cycle shapes
+    show. Keras's ``evaluation_<metric>_vs_iterations`` (the validation curves
+    again, against steps) are left out; its model graph is kept.
+
+    Args:
+        log_dir: the run's TensorBoard directory.
+        every_steps: optimizer steps between two ``batch/`` points; None or 0: none.
+
+    Raises:
+        ValueError: ``every_steps`` < 0.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, every_steps: int | None = None):
+        super().__init__(log_dir=str(log_dir), update_freq="epoch", profile_batch=0)
+        if every_steps is not None and int(every_steps) < 0:
+            raise ValueError(f"every_steps must be >= 0, got {every_steps}")
+        self.every_steps = int(every_steps or 0)
+        self._first_step = 0  # the optimizer's step when the epoch began
+        self._last_point = (0, 0.0)  # (batches of this epoch, their mean loss) at the last point
+        self._test_writer = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        self._first_step = _step(self.model.optimizer) if self.every_steps else 0
+        self._last_point = (0, 0.0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        super().on_train_batch_end(batch)  # the model's graph, once (logs: ours, below)
+        loss = (logs or {}).get("loss")
+        if not self.every_steps or loss is None:
+            return
+        seen, (last_seen, last_mean) = batch + 1, self._last_point
+        step = self._first_step + seen
+        if step // self.every_steps == (self._first_step + last_seen) // self.every_steps:
+            return
+        # Keras's loss is the mean over the epoch so far; this is the mean since the last point
+        window = (seen * float(loss) - last_seen * last_mean) / (seen - last_seen)
+        self._last_point = (seen, float(loss))
+        with self._train_writer.as_default():
+            tf.summary.scalar(f"{STEP_GROUP}/loss", window, step=step)
+            lr = _learning_rate(self.model.optimizer)
+            tf.summary.scalar(f"{STEP_GROUP}/lr", lr, step=step)
+
+    def on_test_end(self, logs=None):
+        """Keras writes ``evaluation_<metric>_vs_iterations`` here: the validation curves again."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        runs: dict[str, dict] = {"train": {"lr": _learning_rate(self.model.optimizer)}}
+        for key, value in (logs or {}).items():
+            prefix = next((p for p in RUNS if key.startswith(p)), None)
+            name = key[len(prefix) :] if prefix else key
+            name = RENAMED.get(name, name)
+            runs.setdefault(RUNS.get(prefix, "train"), {})[name] = value
+        for run, values in runs.items():
+            with self._writer(run).as_default():
+                for name, value in values.items():
+                    tf.summary.scalar(f"{EPOCH_GROUP}/{name}", value, step=epoch)
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        if self._test_writer is not None:
+            self._test_writer.close()
+            self._test_writer = None
+
+    def _writer(self, run: str):
+        if run == "train":
+            return self._train_writer
+        if run == "validation":
+            return self._val_writer
+        if self._test_writer is None:
+            self._test_writer = tf.summary.create_file_writer(os.path.join(self.log_dir, run))
+        return self._test_writer
+
+
+def _step(optimizer) -> int:
+    """The optimizer's step count (steps taken)."""
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+def _learning_rate(optimizer) -> float:
+    """The learning rate of the optimizer's next step (a loss-scaling wrapper's inner one's)."""
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+
+
+class StepProfiler(keras.callbacks.Callback):
+    """Traces training batches ``first`` to ``last`` with TensorFlow's profiler, each a step.
+
+    Batches count from 1 at the start of each ``fit``. Each traced batch runs
+    inside ``tf.profiler.experimental.Trace("train", step_num=<step>, _r=1)``:
+    the step marker TensorBoard's Profile tab (``pip install tensorboard-plugin-profile``)
+    needs for its step-time overview and trace viewer, where Keras's own markers
+    show "No step marker observed". ``<step>`` is the optimizer's step after the
+    batch, as on the ``batch/`` charts. The trace lands in
+    ``<log_dir>/plugins/profile/<time>/``.
+
+    Args:
+        log_dir: the TensorBoard run to write the trace into.
+        first: the first batch traced, >= 1.
+        last: the last batch traced, >= ``first``.
+
+    Raises:
+        ValueError: not ``1 <= first <= last``.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, first: int, last: int):
+        super().__init__()
+        if not 1 <= int(first) <= int(last):
+            raise ValueError(f"need 1 <= first <= last, got [{first}, {last}]")
+        self.log_dir = Path(log_dir)
+        self.first, self.last = int(first), int(last)
+        self._batch = 0
+        self._tracing = False
+        self._step = None
+
+    def on_train_begin(self, logs=None):
+        self._batch = 0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._batch += 1
+        if self._batch == self.first:
+            try:
+                tf.profiler.experimental.start(str(self.log_dir))
+                self._tracing = True
+            except Exception as err:  # another profiler running: train on without a trace
+                log.warning("trainer.profile_batches: the profiler did not start (%s)", err)
+        if self._tracing:
+            step = _step(self.model.optimizer) + 1
+            self._step = tf.profiler.experimental.Trace("train", step_num=step, _r=1)
+            self._step.__enter__()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._step is not None:
+            self._step.__exit__(None, None, None)
+            self._step = None
+        if self._tracing and self._batch >= self.last:
+            self._stop()
+
+    def on_train_end(self, logs=None):  # a fit that ended inside the range
+        if self._step is not None:
+            self._step.__exit__(None, None, None)
+            self._step = None
+        if self._tracing:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._tracing = False
+        try:
+            tf.profiler.experimental.stop()
+            log.info(
+                "Profile of batches %d-%d written under %s", self.first, self.last, self.log_dir
+            )
+        except Exception as err:
+            log.warning("trainer.profile_batches: the profiler did not stop cleanly (%s)", err)
 
 
 class ConfusionMatrixLogger(keras.callbacks.Callback):

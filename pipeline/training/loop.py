@@ -28,10 +28,18 @@ import tensorflow as tf
 
 from pipeline.errors import PipelineError
 from pipeline.training import backups, distributed
-from pipeline.training.callbacks import ConfusionMatrixLogger, EpochStats, RunState, kill_point
+from pipeline.training.callbacks import (
+    ConfusionMatrixLogger,
+    EpochStats,
+    RunState,
+    StepProfiler,
+    TrainingCurves,
+    kill_point,
+)
 from pipeline.training.devices import Plan
 
 log = logging.getLogger(__name__)
+PREVIEW_TAG = "images/train_batch_augmented"  # TensorBoard: after the confusion matrices
 
 
 @dataclass
@@ -116,18 +124,25 @@ class ReportSettings:
     Attributes:
         verbose: ``auto`` (progress bar on a terminal, a line per epoch
             otherwise), 0, 1 or 2.
-        profile_batches: ``[first, last]`` batches to trace into TensorBoard, or None.
+        profile_batches: ``[first, last]`` batches (1-based) to trace into
+            TensorBoard's Profile tab, each a step (:class:`StepProfiler`), or None.
         confusion_matrix_every: epochs between validation confusion-matrix
             images in TensorBoard; 0 turns them off.
+        log_every_steps: optimizer steps between two points of TensorBoard's
+            ``batch/loss`` and ``batch/lr`` (learning rate); None or 0: per epoch only.
         tta: test-time augmentation of the final test metrics
             (``pipeline.evaluation.tta``): ``none``, ``flip`` or ``flip_translate``;
             the plain test metrics are kept beside them as ``test_plain_*``.
+        tensorboard: write TensorBoard logs (curves, images, profile) under
+            ``<run_dir>/tensorboard``; False: none (another logger reports).
     """
 
     verbose: int | str = "auto"
     profile_batches: Sequence[int] | None = None
     confusion_matrix_every: int = 0
     tta: str = "none"
+    tensorboard: bool = True
+    log_every_steps: int | None = None
 
 
 def _fallbacks(precision: str, jit_compile: bool) -> list[tuple[str, bool]]:
@@ -260,23 +275,7 @@ def _callbacks(
     stats = EpochStats(data.source.train.count)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    profile = reports.profile_batches
-    callbacks = [
-        stats,
-        keras.callbacks.TensorBoard(
-            log_dir=str(run_dir / "tensorboard"),
-            profile_batch=tuple(profile) if profile else 0,
-        ),
-    ]
-    if reports.confusion_matrix_every and data.val is not None:
-        callbacks.append(
-            ConfusionMatrixLogger(
-                data.val,
-                data.class_names,
-                run_dir / "tensorboard",
-                every_n_epochs=reports.confusion_matrix_every,
-            )
-        )
+    callbacks = [stats, *_tensorboard(run_dir / "tensorboard", data, reports)]
     best = None
     if data.val is not None:  # no validation split: the final weights are the result
         best = keras.callbacks.ModelCheckpoint(
@@ -301,6 +300,54 @@ def _callbacks(
     # After EpochStats (its images/s leaves them out), before TensorBoard, checkpoints, backups.
     callbacks[1:1] = list(training.extra_callbacks)
     return callbacks, stats, best
+
+
+def _tensorboard(log_dir: Path, data, reports: ReportSettings) -> list[keras.callbacks.Callback]:
+    """TensorBoard's curves, validation confusion matrices and profiler (none without TensorBoard).
+
+    Raises:
+        PipelineError: ``log_every_steps`` < 0 or ``profile_batches`` not ``[first, last]``
+            with ``1 <= first <= last``.
+    """
+    if not reports.tensorboard:
+        return []
+    every = reports.log_every_steps
+    if every is not None and int(every) < 0:
+        raise PipelineError(
+            f"trainer.log_every_steps must be >= 0 (0: per epoch only), got {every}"
+        )
+    callbacks = [TrainingCurves(log_dir, every_steps=every)]
+    if reports.confusion_matrix_every and data.val is not None:
+        callbacks.append(
+            ConfusionMatrixLogger(
+                data.val, data.class_names, log_dir, every_n_epochs=reports.confusion_matrix_every
+            )
+        )
+    if reports.profile_batches:
+        first, last = _profile_range(reports.profile_batches)
+        callbacks.append(StepProfiler(log_dir / "train", first, last))
+    return callbacks
+
+
+def _profile_range(batches) -> tuple[int, int]:
+    """``[first, last]`` (or one batch) as two ints.
+
+    Raises:
+        PipelineError: not one or two whole numbers with ``1 <= first <= last``.
+    """
+    shown = (
+        list(batches) if isinstance(batches, Sequence) and not isinstance(batches, str) else batches
+    )
+    try:
+        numbers = [int(b) for b in (shown if isinstance(shown, list) else [shown])]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) not in (1, 2) or not 1 <= numbers[0] <= numbers[-1]:
+        raise PipelineError(
+            "trainer.profile_batches must be [first, last] batches with 1 <= first <= last "
+            f"(e.g. [10, 20]), got {shown}"
+        )
+    return numbers[0], numbers[-1]
 
 
 def _run_state(
@@ -460,12 +507,17 @@ def image_grid(images, columns: int = 8) -> tf.Tensor:
 
 
 def write_preview(preview: tf.data.Dataset, log_dir: Path) -> None:
-    """Logs a grid of augmented training images to TensorBoard (Images tab)."""
+    """Logs a grid of augmented training images to TensorBoard (``images/`` group)."""
     images, _ = next(iter(preview))
     writer = tf.summary.create_file_writer(str(log_dir / "train"))
     with writer.as_default():
-        tf.summary.image("augmented_training_images", image_grid(images), step=0)
-    writer.flush()
+        tf.summary.image(
+            PREVIEW_TAG,
+            image_grid(images),
+            step=0,
+            description="A batch of training images as augmentation leaves them.",
+        )
+    writer.close()
 
 
 def fit(
@@ -545,7 +597,7 @@ def _train(
     if restored is not None and 0 < int(data.train.cardinality()) <= restored.step:
         restored.epoch, restored.step = restored.epoch + 1, 0  # stopped after its last batch
     initial_epoch = _resume_point(restored, training.epochs, data.train, finished)
-    if restored is None:
+    if restored is None and reports.tensorboard:
         write_preview(data.preview, run_dir / "tensorboard")
     verbose = reports.verbose
     fit_args = {

@@ -46,6 +46,24 @@ def test_stats_match_numpy():
     np.testing.assert_allclose(bundle.std, pixels.std(0), atol=1e-3)
 
 
+def test_limit_batches_takes_fresh_training_batches_and_the_first_of_val_and_test():
+    src = _digits()
+    full = data.make_datasets(src, batch_size=32, seed=0)
+    limited = data.make_datasets(src, batch_size=32, seed=0, limit_batches=2)
+    assert limited.steps_per_epoch() == 2 and full.steps_per_epoch() == -(-src.train.count // 32)
+    for split in ("train", "val", "test"):
+        assert sum(1 for _ in getattr(limited, split)) == 2, split
+    first, second = ([y.numpy() for _, y in limited.train] for _ in range(2))
+    assert not np.array_equal(first[0], second[0])  # each epoch's two come from a new shuffle
+    plain_test = [x.numpy() for x, _ in full.test.take(2)]
+    for got, want in zip((x.numpy() for x, _ in limited.test), plain_test, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert limited.mean == full.mean  # statistics from the whole training split
+    for bad in (0, -1, True):
+        with pytest.raises(PipelineError, match=f"trainer.limit_batches .* got {bad!r}"):
+            data.make_datasets(src, batch_size=32, seed=0, limit_batches=bad)
+
+
 def test_batches_are_float_pixels_and_one_hot():
     bundle = data.make_datasets(_digits(), batch_size=32, seed=0, crop_padding=4)
     x, y = next(iter(bundle.train))

@@ -43,6 +43,12 @@ def _summary(sweep_dir):
         return list(csv.DictReader(f))
 
 
+def _job(sweep_dir, num):
+    """Job ``num``'s directory: ``<num>_<overrides that vary>``."""
+    (found,) = [p for p in sweep_dir.iterdir() if p.name.split("_")[0] == str(num)]
+    return found
+
+
 def _hparams_event(job_dir):
     """(hparams, final scalars) as TensorBoard's own event reader sees them."""
     from tensorboard.backend.event_processing import event_accumulator
@@ -64,13 +70,29 @@ def _hparams_event(job_dir):
     return hparams, scalars
 
 
+def _experiment(sweep_dir):
+    """The HParams experiment (the table's layout) written at the end of the sweep."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    acc = event_accumulator.EventAccumulator(
+        str(sweep_dir / "sweep_hparams"), size_guidance={"tensors": 0}
+    )
+    acc.Reload()
+    content = acc.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.EXPERIMENT_TAG]
+    return plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+
+
 def test_grid_multirun_summary_and_hparams(tmp_path, tiny_folder):
     proc = _multirun(tmp_path, tiny_folder, "model.width=2,4", "optimizer.lr=0.05,0.1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = sorted(p for p in tmp_path.iterdir() if (p / ".hydra").is_dir())
-    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    grid = {0: (2, 0.05), 1: (2, 0.1), 2: (4, 0.05), 3: (4, 0.1)}  # Hydra's job order
+    # named by what varies (the constant overrides, data.path among them, left out)
+    names = [f"{num}_model.width={w},optimizer.lr={lr}" for num, (w, lr) in grid.items()]
+    assert [p.name for p in jobs] == names
     metrics = {p.name: json.loads((p / "metrics.json").read_text()) for p in jobs}
-    expected = sorted(metrics, key=lambda job: (-metrics[job]["val_accuracy"], int(job)))
+    expected = sorted(metrics, key=lambda job: (-metrics[job]["val_accuracy"], names.index(job)))
     rows = _summary(tmp_path)
     assert [r["job"] for r in rows] == expected
     assert [r["best"] for r in rows] == ["True", "False", "False", "False"]
@@ -78,30 +100,35 @@ def test_grid_multirun_summary_and_hparams(tmp_path, tiny_folder):
         assert row["status"] == "ok"
         assert float(row["val_accuracy"]) == pytest.approx(metrics[row["job"]]["val_accuracy"])
     assert (
-        "model.width=4 optimizer.lr=0.1" in rows[[r["job"] for r in rows].index("3")]["overrides"]
+        "model.width=4 optimizer.lr=0.1"
+        in rows[[r["job"] for r in rows].index(names[3])]["overrides"]
     )
     table = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line[:1] == "|"]
     assert len(table) == 2 + 4  # header, separator, 4 jobs
     assert "| 1 (best) |" in proc.stdout
-    grid = {"0": (2, 0.05), "1": (2, 0.1), "2": (4, 0.05), "3": (4, 0.1)}  # Hydra's job order
-    for job, (width, lr) in grid.items():
+    for job, (width, lr) in zip(names, grid.values(), strict=True):
         hparams, scalars = _hparams_event(tmp_path / job)
         assert hparams["model.width"] == width and hparams["optimizer.lr"] == pytest.approx(lr)
         assert hparams["model.arch"] == "cnn" and "trainer.verbose" not in hparams
-        assert scalars["val_accuracy"] == pytest.approx(metrics[job]["val_accuracy"])
-        assert scalars["test_accuracy"] == pytest.approx(metrics[job]["test_accuracy"])
+        assert scalars["result/val_accuracy"] == pytest.approx(metrics[job]["val_accuracy"])
+        assert scalars["result/test_accuracy"] == pytest.approx(metrics[job]["test_accuracy"])
+    # the sweep's layout: what varies first, the objective's column first
+    experiment = _experiment(tmp_path)
+    varied = sorted(info.name for info in experiment.hparam_infos if info.differs)
+    assert varied == ["model.width", "optimizer.lr"]
+    assert experiment.metric_infos[0].name.tag == "result/val_accuracy"
 
 
 def test_failed_job_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_folder):
     proc = _multirun(tmp_path, tiny_folder, "optimizer.lr=-1,0.05")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    failure = json.loads((tmp_path / "0" / "failed.json").read_text())
+    failure = json.loads((tmp_path / "0_optimizer.lr=-1" / "failed.json").read_text())
     assert failure["error"] == "PipelineError" and "optimizer.lr must be > 0" in failure["reason"]
-    assert (tmp_path / "1" / "metrics.json").is_file()
+    assert (tmp_path / "1_optimizer.lr=0.05" / "metrics.json").is_file()
     rows = _summary(tmp_path)
     assert [(r["job"], r["status"], r["best"]) for r in rows] == [
-        ("1", "ok", "True"),
-        ("0", "failed", "False"),
+        ("1_optimizer.lr=0.05", "ok", "True"),
+        ("0_optimizer.lr=-1", "failed", "False"),
     ]
     assert "optimizer.lr must be > 0" in rows[1]["reason"]
 
@@ -110,7 +137,7 @@ def test_fail_fast_stops_the_sweep(tmp_path, tiny_folder):
     proc = _multirun(tmp_path, tiny_folder, "optimizer.lr=-1,0.05", "sweep.fail_fast=true")
     assert proc.returncode == 2
     assert "optimizer.lr must be > 0" in proc.stderr
-    assert not (tmp_path / "1").exists() and not (tmp_path / "summary.csv").exists()
+    assert not list(tmp_path.glob("1_*")) and not (tmp_path / "summary.csv").exists()
 
 
 def test_optuna_search_writes_best_parameters(tmp_path, tiny_folder):
@@ -123,7 +150,10 @@ def test_optuna_search_writes_best_parameters(tmp_path, tiny_folder):
         "optimizer.weight_decay",
         "trainer.label_smoothing",
     }
-    values = [json.loads((tmp_path / j / "metrics.json").read_text()) for j in ("0", "1", "2")]
+    values = [json.loads((_job(tmp_path, j) / "metrics.json").read_text()) for j in range(3)]
+    # named by the searched parameters, cut to 4 digits; data.batch_size is fixed: left out
+    assert _job(tmp_path, 0).name.startswith("0_optimizer.lr=")
+    assert "data.batch_size" not in _job(tmp_path, 0).name
     assert results["best_value"] == pytest.approx(max(v["val_accuracy"] for v in values))
     assert "Best parameters" in proc.stdout + proc.stderr
     assert len(_summary(tmp_path)) == 3
@@ -190,12 +220,13 @@ def test_joblib_sweep_survives_a_killed_job(tmp_path, tiny_folder):
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = (proc.stdout + proc.stderr).splitlines()
     assert "#1" in next(line for line in output if "re-running job(s)" in line)
-    failure = json.loads((tmp_path / "1" / "failed.json").read_text())
+    failure = json.loads((tmp_path / "1_seed=1" / "failed.json").read_text())
     assert failure["reason"] == sweep.CRASH_REASON
     rows = {r["job"]: r for r in _summary(tmp_path)}
-    assert sorted(rows) == ["0", "1", "2"]
-    assert [rows[job]["status"] for job in ("0", "1", "2")] == ["ok", "failed", "ok"]
-    assert "crashed" in rows["1"]["reason"] and rows["1"]["best"] == "False"
-    for job in ("0", "2"):
+    jobs = ["0_seed=0", "1_seed=1", "2_seed=2"]
+    assert sorted(rows) == jobs
+    assert [rows[job]["status"] for job in jobs] == ["ok", "failed", "ok"]
+    assert "crashed" in rows["1_seed=1"]["reason"] and rows["1_seed=1"]["best"] == "False"
+    for job in ("0_seed=0", "2_seed=2"):
         assert (tmp_path / job / "metrics.json").is_file()
         assert not (tmp_path / job / "failed.json").exists()

@@ -59,7 +59,7 @@ def _states(run_dir: Path) -> list[dict]:
     return [resume.read_state(p) for p in resume.backups(run_dir / "backup")]
 
 
-def _epoch_steps(run_dir: Path, tag="epoch_loss") -> list[int]:
+def _epoch_steps(run_dir: Path, tag="epoch/loss") -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     steps = []
