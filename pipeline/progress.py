@@ -4,7 +4,7 @@
 left: ``  classifying 2048/5392 images (148 images/s, 23 s left)``. On a terminal
 the line is rewritten in place; elsewhere (a log file, a pipe) a line every
 :data:`LOG_EVERY_S` seconds and one at the end, as the folder scan does
-(``pipeline.data.quarantine``). :func:`timed` is one line per step with its
+(its first user was the folder scan). :func:`timed` is one line per step with its
 seconds (``  onnx: exported in 4.2 s``).
 
 Keras's ``Progbar`` shows the same numbers but writes to standard output,

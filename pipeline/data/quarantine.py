@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import threading
 import time
 import unicodedata
@@ -35,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -387,25 +387,6 @@ def _save_cache(path: Path, root: Path, files: dict) -> None:
     os.replace(tmp, path)
 
 
-def _progress(done: int, total: int, start: float) -> None:
-    """``scanning 20000/50000 files (1,658/s, 18 s left)``, in place on a terminal.
-
-    Elsewhere (a log file) a line every 10,000 files and at the end.
-    """
-    terminal = sys.stderr.isatty()
-    if not terminal and done != total and done % 10_000:
-        return
-    rate = done / max(time.perf_counter() - start, 1e-9)
-    left = f", {(total - done) / rate:,.0f} s left" if done < total and rate > 0 else ""
-    end = "\r" if terminal and done < total else "\n"
-    print(
-        f"  scanning {done}/{total} files ({rate:,.0f}/s{left})",
-        end=end,
-        file=sys.stderr,
-        flush=True,
-    )
-
-
 def scan_folder(
     root: str | os.PathLike,
     *,
@@ -446,13 +427,16 @@ def scan_folder(
         todo.append((path, rel, st))
     cached = len(results)
     if todo:
-        with ThreadPoolExecutor(max_workers=workers or min(8, 2 * (os.cpu_count() or 1))) as pool:
+        threads = workers or min(8, 2 * (os.cpu_count() or 1))
+        detail = f"{cached} more from the cache" if cached else ""
+        shown = Progress("scanning", len(todo), unit="files", detail=detail) if progress else None
+        with ThreadPoolExecutor(max_workers=threads) as pool, shown or contextlib.nullcontext():
             scanned = pool.map(lambda item: inspect_file(item[0], max_pixels=max_pixels), todo)
-            for i, ((path, rel, st), result) in enumerate(zip(todo, scanned, strict=True), 1):
+            for (path, rel, st), result in zip(todo, scanned, strict=True):
                 results[path] = result
                 cache[rel] = {**_file_key(st), "result": result}
-                if progress:
-                    _progress(cached + i, len(files), start)
+                if shown:
+                    shown.advance()
         if cache_file:
             _save_cache(cache_file, root, cache)
     return _judge(root, class_names, files, results, min_size, max_pixels, start, cached)
