@@ -45,6 +45,7 @@ from pipeline.config import (
     prepare_run_dir,
     select_backend,
     setup_training,
+    sync_batchnorm,
 )
 from pipeline.errors import PipelineError, user_errors
 from pipeline.runs import manifest
@@ -60,6 +61,7 @@ RATIOS = {  # name: (numerator, denominator, what it says)
     "pipeline/synthetic": ("pipeline", "synthetic", "times faster the input runs than training"),
 }
 IN_MEMORY_BYTES = 256 * 2**20  # float32 images kept for keras_fit; a tf.data constant stays < 2 GB
+SERVICE_BATCHES = 2**40  # batch numbers asked of a tf.data service: more than any bench takes
 
 
 def check_bench(bench_cfg: DictConfig) -> None:
@@ -128,6 +130,7 @@ def bench(cfg: DictConfig, run_dir=None) -> dict:
             "batch_size": bundle.batch_size,
             "steps_per_execution": int(spe),
             "model": cfg.model.arch,
+            "service": cfg.data.get("service"),
             "keras_fit_images": _in_memory_count(bundle) if "keras_fit" in which else None,
         },
         data={
@@ -362,6 +365,7 @@ def _load_bundle(cfg: DictConfig):
         batch_size=cfg.data.batch_size,
         seed=cfg.seed,
         stats_cache_dir=None,  # the statistics pass is what fills the decoded-image cache
+        service=None if b.synthetic_data else cfg.data.get("service"),
         **OmegaConf.to_container(cfg.augment, resolve=True),
     )
     prepare_s = time.perf_counter() - started
@@ -395,6 +399,7 @@ def _build_model(cfg: DictConfig, bundle, strategy, plan):
             "steps_per_execution": int(cfg.trainer.steps_per_execution),
             "num_classes": bundle.num_classes,
         },
+        sync_batchnorm=sync_batchnorm(cfg, plan, strategy),
     )
     return model
 
@@ -430,7 +435,7 @@ def _measure(name: str, model, bundle, timing: dict, class_weight: dict | None) 
         flush=True,
     )
     if name == "pipeline":
-        return measure_iteration(bundle.train, label=name, **timing)
+        return measure_iteration(_served(bundle) or bundle.train, label=name, **timing)
     dataset, steps_per_epoch, count = _fit_input(name, bundle)
     return measure_fit(
         model,
@@ -442,6 +447,13 @@ def _measure(name: str, model, bundle, timing: dict, class_weight: dict | None) 
         class_weight=class_weight,
         **timing,
     )
+
+
+def _served(bundle):
+    """With ``data.service``: the run's batches as its workers make them, without end."""
+    if bundle.service_batches is None:
+        return None
+    return bundle.service_batches(start=0, stop=SERVICE_BATCHES)
 
 
 def _in_memory_count(bundle) -> int:
@@ -459,6 +471,8 @@ def _fit_input(name: str, bundle):
     import tensorflow as tf
 
     if name == "end_to_end":
+        if _served(bundle) is not None:
+            return _served(bundle), None, None
         return bundle.train, bundle.steps_per_epoch(), bundle.counts["train"]
     if name == "synthetic":
         rng = np.random.default_rng(0)

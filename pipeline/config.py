@@ -10,6 +10,7 @@ training). TensorFlow is imported only once the config is known to be good.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import sys
@@ -23,6 +24,8 @@ from pipeline.data.sources import list_sources
 from pipeline.errors import PipelineError
 from pipeline.evaluation.tta import TTA_MODES
 from pipeline.training import devices as devices_mod
+
+log = logging.getLogger(__name__)
 
 # conf/ at the top of a checkout (also under an editable install); pipeline/conf in a wheel
 _INSTALLED_CONF = Path(__file__).resolve().parent / "conf"
@@ -479,6 +482,39 @@ def setup_training(cfg: DictConfig):
             "strategy). Raise data.batch_size instead, or use one device."
         )
     return devices, plan, strategy
+
+
+SYNC_BATCHNORM = ("auto", True, False)
+
+
+def sync_batchnorm(cfg: DictConfig, plan, strategy) -> bool:
+    """Whether BatchNorm normalizes over the global batch (``trainer.sync_batchnorm``).
+
+    ``auto``: on where several replicas train on the TensorFlow backend
+    (``mirrored``, ``multi_worker``), so they do one device's math; under JAX
+    a data-parallel batch is one global array and its statistics are global
+    already.
+
+    Raises:
+        PipelineError: a value other than auto, true or false.
+    """
+    choice = cfg.trainer.get("sync_batchnorm", "auto")
+    if choice not in SYNC_BATCHNORM:
+        raise PipelineError(f"trainer.sync_batchnorm must be auto, true or false, got {choice!r}")
+    several = plan.strategy in ("mirrored", "multi_worker") and strategy.num_replicas_in_sync > 1
+    if choice == "auto":
+        choice = several
+        log.info(
+            "trainer.sync_batchnorm auto -> %s (%d replica(s))",
+            several,
+            strategy.num_replicas_in_sync,
+        )
+    elif choice and cfg.get("backend", "tensorflow") != "tensorflow":
+        raise PipelineError(
+            "trainer.sync_batchnorm=true needs backend=tensorflow (Keras synchronizes BatchNorm "
+            "only there; under JAX a data-parallel batch's statistics are global already)"
+        )
+    return bool(choice)
 
 
 def class_weights_for(cfg: DictConfig, bundle) -> dict | None:

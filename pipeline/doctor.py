@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.terminal import quiet_tensorflow
-from pipeline.training.devices import PRECISIONS, STRATEGIES, Devices, plan
+from pipeline.training.devices import PRECISIONS, STRATEGIES, Devices, cpu_bfloat16_flags, plan
 
 NVIDIA_SMI_FIELDS = ("name", "driver_version", "memory.total", "compute_cap")
 NVIDIA_SMI_TIMEOUT_S = 10
@@ -297,6 +297,7 @@ def report(
         "driver_version": next((g["driver_version"] for g in smi["gpus"]), None),
         "cuda_visible_devices": cuda_visible_devices,
         "tf_config": _tf_config(),
+        "cpu_bfloat16": cpu_bfloat16_flags(),
         "failed_cuda_libraries": None,
         "plan": _plan(
             gpus,
@@ -428,12 +429,15 @@ def _precision_problems(facts: dict) -> list[dict]:
     if minimum is None:
         return []
     gpus = facts["gpus"] or facts["nvidia_smi"]["gpus"]
+    if not gpus and precision == "mixed_bfloat16" and facts.get("cpu_bfloat16"):
+        return []  # AVX512_BF16 / AMX: bfloat16 runs faster than float32 on this CPU
     if not gpus:
         return [
             _problem(
                 "mixed_precision_on_cpu",
-                f"precision {precision} on CPU: no tensor cores, so it is usually slower "
-                "than float32 (it still trains).",
+                f"precision {precision} on CPU: no tensor cores"
+                + (", no bfloat16 instructions (AVX512_BF16, AMX)" if "bf" in precision else "")
+                + ", so it is usually slower than float32 (it still trains).",
                 "Use trainer.precision=auto (float32 on CPU).",
                 level="warning",
             )

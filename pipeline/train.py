@@ -27,6 +27,7 @@ from pipeline.errors import PipelineError, carried_user_error
 from pipeline.runs import hparams, rundir, sweep
 
 log = logging.getLogger("pipeline.train")
+DATA_SHARDS = ("auto", "worker", "batch")  # data.shard under multi_worker
 DISK_FULL = "No space left on device"  # h5py's OSErrors carry no errno, only this text
 
 
@@ -64,7 +65,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike | None = None) -> dict:
         _tracking(cfg, run_dir, chief=run_dir == shared_dir) as tracker,
     ):
         machine = _machine_report(cfg, devices, plan)
-        source, bundle = _load_data(cfg, run_dir)
+        source, bundle = _load_data(cfg, run_dir, plan, strategy)
         build_model, build_optimizer, peak_lr = config.model_factories(cfg, bundle)
         factories = (build_model, build_optimizer)
         result = _fit(cfg, strategy, plan, factories, bundle, source, run_dir, shared_dir, tracker)
@@ -182,7 +183,26 @@ def _machine_report(cfg: DictConfig, devices, plan) -> dict:
     return machine
 
 
-def _load_data(cfg: DictConfig, run_dir: Path):
+def _worker_shard(cfg: DictConfig, plan, strategy):
+    """This worker's share of the input under ``multi_worker`` with ``data.shard`` auto|worker."""
+    shard = cfg.data.get("shard", "auto")
+    if shard not in DATA_SHARDS:
+        raise PipelineError(f"data.shard must be one of {', '.join(DATA_SHARDS)}, got {shard!r}")
+    if plan.strategy != "multi_worker" or shard == "batch":
+        return None
+    from pipeline import data
+    from pipeline.training import distributed
+
+    index, workers, replicas = distributed.worker_place(strategy)
+    return data.WorkerShard(
+        index=index,
+        count=workers,
+        replicas=replicas,
+        all_reduce=lambda sums: distributed.sum_array_over_workers(strategy, sums),
+    )
+
+
+def _load_data(cfg: DictConfig, run_dir: Path, plan=None, strategy=None):
     """The data source and its tf.data pipelines; writes the scan report and statistics."""
     from pipeline import data
     from pipeline.runs import manifest
@@ -202,6 +222,8 @@ def _load_data(cfg: DictConfig, run_dir: Path):
         seed=cfg.seed,
         stats_cache_dir=cache_dir,
         limit_batches=cfg.trainer.get("limit_batches"),
+        shard=_worker_shard(cfg, plan, strategy) if plan is not None else None,
+        service=cfg.data.get("service"),
         **aug,
     )
     manifest.write_json(run_dir / "stats.json", bundle.stats)
@@ -253,6 +275,7 @@ def _fit(
         preflight=t.preflight,
         class_weight=config.class_weights_for(cfg, bundle),
         early_stopping=early,
+        sync_batchnorm=config.sync_batchnorm(cfg, plan, strategy),
         extra_callbacks=extra,
     )
     checkpoints = loop.CheckpointSettings(

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO
 from pipeline import doctor
+from pipeline.training import devices
 
 FAKE_GPU_LINE = "NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB, 9.0"
 # On a machine with a real GPU, hiding nvidia-smi is not enough: hide the GPU from CUDA too.
@@ -303,3 +304,43 @@ def test_expected_cuda_libraries():
     for name in ("libcudart.so.12", "libcudnn.so.9", "libcublas.so.12", "libcufft.so.11"):
         assert name in names
     assert {"libcusparse.so.12", "libcusolver.so.11", "libnccl.so.2"} <= set(names)
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ("fpu sse avx512f avx512_bf16 avx512_vnni", ["avx512_bf16"]),
+        ("fpu avx512f amx_bf16 amx_tile avx512_bf16", ["avx512_bf16", "amx_bf16"]),
+        ("fpu sse avx2 avx512f", []),
+    ],
+)
+def test_cpu_bfloat16_is_read_from_the_cpu_flags(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: {flags}\n")
+    assert devices.cpu_bfloat16_flags(str(cpuinfo)) == expected
+    assert devices.cpu_bfloat16_flags(str(tmp_path / "missing")) == []
+
+
+@pytest.mark.parametrize("flags", [["avx512_bf16"], []])
+def test_mixed_bfloat16_on_a_cpu_warns_only_without_bfloat16_instructions(monkeypatch, flags):
+    """bfloat16 in hardware (AVX512_BF16, AMX) makes it pay on a CPU: no warning there."""
+    monkeypatch.setattr(devices, "cpu_bfloat16_flags", lambda: flags)
+    planned = devices.plan(
+        strategy="default",
+        precision="mixed_bfloat16",
+        jit_compile=False,
+        devices=devices.Devices(gpus=[], cpus=["/device:CPU:0"]),
+    )
+    assert planned.precision == "mixed_bfloat16"
+    (reason,) = [r for r in planned.reasons if r.startswith("precision ")]
+    assert ("in hardware" in reason) == bool(flags)
+    assert ("usually slower than float32" in reason) == (not flags)
+    facts = _gpu_facts(gpus=[], precision="mixed_bfloat16")
+    facts["cpu_bfloat16"] = flags
+    problems, _ = doctor.diagnose(facts)
+    assert [p["code"] for p in problems if "precision" in p["code"]] == (
+        [] if flags else ["mixed_precision_on_cpu"]
+    )
+    if not flags:
+        (problem,) = [p for p in problems if p["code"] == "mixed_precision_on_cpu"]
+        assert "no bfloat16 instructions" in problem["message"]

@@ -21,6 +21,7 @@ COMMANDS = {
     "pipeline.doctor",
     "pipeline.data.scan",
     "pipeline.data.inspect",
+    "pipeline.data.service",
 }
 CONFIG_LAYER = "pipeline.config"
 MAX_FUNCTION_LINES = 80

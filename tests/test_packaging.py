@@ -22,6 +22,7 @@ COMMANDS = {  # console command -> what `python -m` runs
     "pipeline-doctor": "pipeline.doctor",
     "pipeline-scan": "pipeline.data.scan",
     "pipeline-inspect": "pipeline.data.inspect",
+    "pipeline-data-service": "pipeline.data.service",
 }
 TINY_DEBUG = ["debug=fast", "data.image_size=16", "data.batch_size=8", "model.width=4"]
 

@@ -21,6 +21,7 @@ _DATASETS_NAMES = (
     "class_weights",
     "make_datasets",
     "training_stats",
+    "WorkerShard",
 )
 
 

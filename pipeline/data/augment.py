@@ -72,10 +72,17 @@ def fixed_flip(images: tf.data.Dataset, seed: int) -> tf.data.Dataset:
 
     def flip(index, example):
         image, label = example
-        coin = tf.random.stateless_uniform([], seed=tf.stack([tf.cast(seed, tf.int64), index]))
-        return tf.where(coin < 0.5, tf.reverse(image, [1]), image), label
+        return flip_by_index(image, index, seed), label
 
     return images.enumerate().map(flip, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def flip_by_index(image, index, seed: int):
+    """``image`` mirrored or not by the coin of its position ``index`` (see :func:`fixed_flip`)."""
+    coin = tf.random.stateless_uniform(
+        [], seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(index, tf.int64)])
+    )
+    return tf.where(coin < 0.5, tf.reverse(image, [1]), image)
 
 
 def batch_fn(

@@ -31,6 +31,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 UNREADABLE_AFTER_SCAN = "cannot read image file"  # starts the message of a file gone since the scan
 RESIZE_MODES = ("crop", "pad", "stretch")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LOG_DECODES = (
+    "PIPELINE_LOG_DECODES"  # set: every decoded file is printed to stderr (tests count them)
+)
 TFDS_DOWNLOAD_RETRIES = 3  # TFDS's own 10, with its backoff, wait ~3.5 minutes to say "offline"
 COMMON_DATA_KEYS = (  # data.* keys every source shares; the others are the loader's own
     "source",
@@ -39,6 +42,8 @@ COMMON_DATA_KEYS = (  # data.* keys every source shares; the others are the load
     "natural_images",
     "cache_dir",
     "class_weights",
+    "shard",
+    "service",
 )
 
 
@@ -55,6 +60,17 @@ class Split:
     images: tf.data.Dataset
     count: int
     members: list | str
+    lookup: Callable | None = None  # (int64 index, tag) -> (image, label): one example, decoded
+    pillow_files: list[str] = field(default_factory=list)  # decoded by Pillow in this process
+
+    @property
+    def random_access(self) -> bool:
+        """Whether one example can be decoded by its index (folders and in-memory arrays).
+
+        Pipelines that choose images before decoding them (each worker of a
+        cluster decoding only its share) need it; TFDS records are read in order.
+        """
+        return self.lookup is not None
 
 
 @dataclass
@@ -250,8 +266,13 @@ def _stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[l
 def _array_split(images: np.ndarray, labels: np.ndarray, idx: list) -> Split:
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((images[idx], labels[idx].astype(np.int32)))
-    return Split(images=ds, count=len(idx), members=[int(i) for i in idx])
+    held = (tf.constant(images[idx]), tf.constant(labels[idx].astype(np.int32)))
+    ds = tf.data.Dataset.from_tensor_slices(held)
+
+    def lookup(index, tag="train"):
+        return tf.gather(held[0], index), tf.gather(held[1], index)
+
+    return Split(images=ds, count=len(idx), members=[int(i) for i in idx], lookup=lookup)
 
 
 @register_source("digits")
@@ -372,11 +393,30 @@ def _decodes_plain(path: str, plain_side: int, size: int) -> bool:
     return 0 < plain_side < 4 * size and not any(c in path for c in "*?[\\")
 
 
-def _decode_file(path, plain, label, size: int, mode: str):
+def _decode_file(path, plain, label, size: int, mode: str, tag: str = "split"):
     import tensorflow as tf
 
     image = tf.cond(plain, lambda: decode_plain(path, size), lambda: decode_file(path, size))
-    return resize_image(image, size, mode), label
+    return logged_decode(resize_image(image, size, mode), path, tag), label
+
+
+def logged_decode(image, path, tag: str):
+    """``image``, after printing ``pipeline-decoded <tag> <path>`` under ``PIPELINE_LOG_DECODES``.
+
+    The line is printed by the process that runs the decode (a cluster worker, a
+    tf.data service worker), which is how the tests count who decoded what.
+    Read when the pipeline is built; off by default.
+    """
+    import sys
+
+    import tensorflow as tf
+
+    if not os.environ.get(LOG_DECODES):
+        return image
+    line = tf.strings.join(["pipeline-decoded ", tag, " ", path])  # unquoted, one tensor
+    printed = tf.print(line, output_stream=sys.stderr)
+    with tf.control_dependencies([printed]):
+        return tf.identity(image)
 
 
 def file_split(files: list[tuple[str, int, int]], root: Path, size: int, mode: str) -> Split:
@@ -390,14 +430,20 @@ def file_split(files: list[tuple[str, int, int]], root: Path, size: int, mode: s
     paths = [f for f, _, _ in files]
     labels = np.array([label for _, label, _ in files], dtype=np.int32)
     plain = [_decodes_plain(f, side, size) for f, _, side in files]
-    columns = (tf.constant(paths, tf.string), tf.constant(plain, tf.bool), labels)
+    columns = (tf.constant(paths, tf.string), tf.constant(plain, tf.bool), tf.constant(labels))
     ds = tf.data.Dataset.from_tensor_slices(columns).map(
         lambda p, fast, y: _decode_file(p, fast, y, size, mode),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=True,
     )
+
+    def lookup(index, tag="train"):
+        path, fast, label = (tf.gather(column, index) for column in columns)
+        return _decode_file(path, fast, label, size, mode, tag)
+
     members = [os.path.relpath(p, root) for p in paths]
-    return Split(images=ds, count=len(paths), members=members)
+    pillow = [path for path, fast in zip(paths, plain, strict=True) if not fast]
+    return Split(images=ds, count=len(paths), members=members, lookup=lookup, pillow_files=pillow)
 
 
 def _fingerprint_files(files: list, extra: str, hashes: dict) -> str:

@@ -42,6 +42,8 @@ def _batch_from_spec(iterator):
     from keras.src import tree
 
     spec = iterator.data_adapter.get_tf_dataset().element_spec
+    # A dataset distributed from a function gives one spec per replica: take the first's.
+    spec = tree.map_structure(lambda s: getattr(s, "_value_specs", [s])[0], spec)
     specs = tree.flatten(spec)
     if any(None in s.shape[1:] for s in specs if isinstance(s, tf.TensorSpec)):
         return None

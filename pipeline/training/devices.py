@@ -17,6 +17,24 @@ from pipeline.errors import PipelineError
 STRATEGIES = ("auto", "mirrored", "multi_worker", "one_device", "default")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 JIT_CHOICES = ("auto", True, False)
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo: bfloat16 dot products in hardware
+
+
+def cpu_bfloat16_flags(cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """This CPU's bfloat16 instruction sets (AVX512_BF16, AMX-BF16) that oneDNN uses.
+
+    With one of them a CPU multiplies bfloat16 at twice float32's rate or more
+    (``mixed_bfloat16`` pays on a CPU); without, oneDNN emulates it, usually
+    slower than float32. Empty where ``/proc/cpuinfo`` cannot be read (not Linux).
+    """
+    try:
+        with open(cpuinfo) as f:
+            flags = next(
+                (line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []
+            )
+    except (OSError, IndexError):
+        return []
+    return [flag for flag in CPU_BF16_FLAGS if flag in flags]
 
 
 @dataclass
@@ -188,6 +206,15 @@ def _plan_strategy(strategy: str, devices: Devices, backend: str, reasons: list[
 
 
 def _plan_precision(precision: str, devices: Devices, reasons: list[str]) -> str:
+    if precision == "mixed_bfloat16" and not devices.gpus:
+        flags = cpu_bfloat16_flags()
+        reasons.append(
+            f"precision mixed_bfloat16 (set explicitly; the CPU has {', '.join(flags)}: "
+            "bfloat16 in hardware)"
+            if flags
+            else "precision mixed_bfloat16 (set explicitly; the CPU has no bfloat16 instructions, "
+            "AVX512_BF16 or AMX: emulated, usually slower than float32)"
+        )
     if precision != "auto":
         return precision
     cap = devices.min_compute_capability

@@ -167,3 +167,35 @@ def all_equal(strategy: tf.distribute.Strategy, value: float) -> bool:
     total = sum_over_workers(strategy, value)
     squares = sum_over_workers(strategy, float(value) ** 2)
     return abs(n * squares - total**2) <= 1e-6 * max(1.0, total**2)
+
+
+def worker_place(strategy: tf.distribute.Strategy) -> tuple[int, int, int]:
+    """``(input pipeline index, workers, replicas per worker)`` of this process under ``strategy``.
+
+    The same numbers ``distribute_datasets_from_function`` hands its dataset
+    function (the chief, else worker 0, is pipeline 0).
+    """
+    context = strategy.extended._make_input_context()  # the InputContext of this worker
+    workers = context.num_input_pipelines
+    return context.input_pipeline_id, workers, strategy.num_replicas_in_sync // workers
+
+
+def sum_array_over_workers(strategy: tf.distribute.Strategy, values):
+    """A float64 NumPy array summed over the workers (each counted once; all must call it)."""
+    import numpy as np
+
+    summed = _ARRAY_SUMS.get(id(strategy))
+    if summed is None:
+
+        @tf.function
+        def summed(x):
+            per_replica = strategy.run(lambda: tf.identity(x))
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+        _ARRAY_SUMS[id(strategy)] = summed
+    _, _, replicas = worker_place(strategy)
+    total = summed(tf.constant(np.asarray(values, np.float64)))
+    return np.asarray(total, np.float64) / replicas  # every replica of a worker adds its copy
+
+
+_ARRAY_SUMS: dict = {}

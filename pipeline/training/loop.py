@@ -64,6 +64,9 @@ class TrainSettings:
         preflight: run one step first and fall back when it fails.
         class_weight: per-class loss weights, or None.
         early_stopping: ``{"monitor", "patience"}``, or None.
+        sync_batchnorm: every BatchNormalization layer normalizes with the
+            statistics of the global batch, all-reduced over the replicas
+            (Keras's ``synchronized=True``) while training.
         extra_callbacks: training techniques (``pipeline.training.callbacks``), called
             before TensorBoard, the checkpoints and backups see each batch and epoch.
     """
@@ -76,6 +79,7 @@ class TrainSettings:
     class_weight: dict | None = None
     early_stopping: dict | None = None
     extra_callbacks: Sequence[keras.callbacks.Callback] = ()
+    sync_batchnorm: bool = False
 
     def compile_kwargs(self, num_classes: int) -> dict:
         """The ``compile_kwargs`` of :func:`build_compiled` for ``num_classes`` classes."""
@@ -195,6 +199,67 @@ def _preflight_step(model, batch_ds) -> None:
         var.assign(value)
 
 
+def synchronize_batchnorm(model: keras.Model, on: bool = True) -> int:
+    """Sets ``synchronized`` on every BatchNormalization layer of ``model``; returns how many.
+
+    Synchronized, a layer normalizes each replica's slice with the mean and
+    variance of the whole global batch (a sum all-reduced over the replicas,
+    Keras's ``synchronized=True``), and updates its moving statistics from
+    them, so several replicas do one device's math. Set before the training
+    function is traced; turned off again after training, so a saved model
+    loads on any backend (inference uses the moving statistics either way).
+    ``pipeline.models.layers.BatchNorm`` then leaves its fused kernel for
+    Keras's normalization.
+    """
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    for layer in layers:
+        layer.synchronized = on
+    return len(layers)
+
+
+def worker_input(data, strategy, *, first: bool = False, class_weight=None):
+    """For a worker that decodes only its share: ``input(skip)``, its batches distributed.
+
+    Every ``input(skip)`` reads one per-worker pipeline (one shuffle state, as
+    ``data.train.skip`` reads ``data.train``'s), through
+    ``distribute_datasets_from_function``, with the class weights as sample
+    weights (Keras cannot map a distributed dataset).
+    """
+    import tensorflow as tf
+
+    made = {}
+
+    def pipeline():
+        if "ds" not in made:
+            ds = data.worker_batches(first=first)
+            if class_weight:
+                weights = tf.constant([class_weight[i] for i in range(len(class_weight))])
+                ds = ds.map(lambda x, y: (x, y, tf.gather(weights, tf.argmax(y, axis=-1))))
+            made["ds"] = ds
+        return made["ds"]
+
+    def make(skip: int = 0):
+        replicas = data.shard.replicas
+        distributed_ds = strategy.distribute_datasets_from_function(
+            lambda context: pipeline().skip(skip * replicas) if skip else pipeline()
+        )
+        # A worker yields one batch per local replica and step; Keras counts steps from this.
+        distributed_ds._cardinality = int(distributed_ds.cardinality) // replicas
+        return distributed_ds
+
+    return make
+
+
+def _preflight_data(data, strategy):
+    if data.worker_batches is None:
+        return data.first_batch
+    return worker_input(data, strategy, first=True)()
+
+
 def build_compiled(
     *,
     strategy: tf.distribute.Strategy,
@@ -204,6 +269,7 @@ def build_compiled(
     preflight_data: tf.data.Dataset | None,
     seed: int,
     compile_kwargs: dict,
+    sync_batchnorm: bool = False,
 ) -> tuple[keras.Model, list[dict]]:
     """Builds and compiles the model, trying fallbacks when a step fails.
 
@@ -222,6 +288,7 @@ def build_compiled(
         with strategy.scope():
             model = build_model()  # a bad model argument is the user's to fix: no fallback
             optimizer = build_optimizer()
+        synchronize_batchnorm(model, sync_batchnorm)
         try:
             with strategy.scope():
                 _compile(model, optimizer, jit_compile=jit, **compile_kwargs)
@@ -379,7 +446,7 @@ def _run_state(
     return state, restored
 
 
-def _resume_point(restored, epochs: int, train, finished: bool = False) -> int:
+def _resume_point(restored, epochs: int, train, finished: bool = False, replay: int = 1) -> int:
     """The epoch training continues at; replays the shuffle order of the epochs done.
 
     A backup with every epoch done is of a run killed after training (before
@@ -401,7 +468,7 @@ def _resume_point(restored, epochs: int, train, finished: bool = False) -> int:
         )
     where = f"epoch {restored.epoch + 1}" + (f", step {restored.step}" if restored.step else "")
     print(f"resuming from {restored.path} at {where}", flush=True)
-    for _ in range(restored.epoch * _iterators_per_epoch(train)):
+    for _ in range(restored.epoch * replay):
         iter(train)  # each iterator draws the next shuffle order: replay the epochs done
     return restored.epoch
 
@@ -534,6 +601,8 @@ def fit(
 ) -> FitResult:
     """Trains ``build_model()`` on ``data`` and evaluates it on val and test.
 
+    Long: the whole run in order (build, resume, train, evaluate, the facts).
+
     Args:
         strategy: from ``make_strategy``.
         plan: from ``plan``; updated when the pre-flight step falls back.
@@ -563,21 +632,36 @@ def fit(
         plan=plan,
         build_model=build_model,
         build_optimizer=build_optimizer,
-        preflight_data=data.first_batch if training.preflight else None,
+        preflight_data=_preflight_data(data, strategy) if training.preflight else None,
         seed=training.seed,
         compile_kwargs=training.compile_kwargs(data.num_classes),
+        sync_batchnorm=training.sync_batchnorm,
     )
     callbacks, stats, best = _callbacks(run_dir, data, training, checkpoints, reports)
     state, restored = _run_state(model, strategy, plan, run_dir, checkpoints, best)
     callbacks.append(state)  # last: it backs up after the checkpoints have updated
-    train_time = _train(
-        model, data, callbacks, state, restored, run_dir, training, reports, checkpoints.finished
-    )
+    try:
+        train_time = _train(
+            model,
+            data,
+            callbacks,
+            state,
+            restored,
+            run_dir,
+            training,
+            reports,
+            checkpoints.finished,
+        )
+    finally:
+        synchronize_batchnorm(model, False)
     _raise_if_stopped(state, checkpoints.restore_from(run_dir).parent)
     metrics = _train_metrics(state.history)
     metrics.update(_evaluate(model, data, reports.tta, training.label_smoothing))
     metrics.update(_best_of(state.history, checkpoints.monitor))
     metrics.update(_run_facts(state.history, stats, train_time, plan, strategy, attempts, restored))
+    metrics["sync_batchnorm"] = training.sync_batchnorm
+    if data.shard is not None:
+        metrics["data_shard"] = {"worker": data.shard.index, "workers": data.shard.count}
     plain = getattr(model, "inner", model)  # an adversarial-training wrapper saves its inner model
     return FitResult(metrics=metrics, history=state.history, attempts=attempts, model=plain)
 
@@ -596,29 +680,86 @@ def _train(
     """Runs ``model.fit`` from where ``restored`` stopped (or the start); returns the seconds."""
     if restored is not None and 0 < int(data.train.cardinality()) <= restored.step:
         restored.epoch, restored.step = restored.epoch + 1, 0  # stopped after its last batch
-    initial_epoch = _resume_point(restored, training.epochs, data.train, finished)
+    verbose = reports.verbose
+    if data.service_batches is not None:  # batches numbered over the run: nothing to replay
+        initial_epoch = _resume_point(restored, training.epochs, None, finished, replay=0)
+        if restored is None and reports.tensorboard:
+            write_preview(data.preview, run_dir / "tensorboard")
+        args = (model, data, callbacks, state, restored, initial_epoch, training, verbose)
+        return _train_on_service(*args)
+    sharded = data.worker_batches is not None  # class weights go into the worker's batches
+    if sharded:
+        make = worker_input(data, model.distribute_strategy, class_weight=training.class_weight)
+    else:
+        make = lambda skip=0: data.train.skip(skip) if skip else data.train  # noqa: E731
+    replay = _iterators_per_epoch(data.train)
+    initial_epoch = _resume_point(restored, training.epochs, make(), finished, replay)
     if restored is None and reports.tensorboard:
         write_preview(data.preview, run_dir / "tensorboard")
-    verbose = reports.verbose
     fit_args = {
         "validation_data": data.val,
         "callbacks": callbacks,
         "verbose": (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose,
-        "class_weight": training.class_weight,
+        "class_weight": None if sharded else training.class_weight,
         "shuffle": False,  # the tf.data pipeline shuffles; Keras would only warn
     }
     start = time.perf_counter()
     with _stop_on_sigterm(state):
         if restored is not None and restored.step:  # finish the interrupted epoch first
             model.fit(
-                data.train.skip(restored.step),
+                make(restored.step),
                 epochs=initial_epoch + 1,
                 initial_epoch=initial_epoch,
                 **fit_args,
             )
             initial_epoch += 1
         if initial_epoch < training.epochs and not model.stop_training:
-            model.fit(data.train, epochs=training.epochs, initial_epoch=initial_epoch, **fit_args)
+            model.fit(make(), epochs=training.epochs, initial_epoch=initial_epoch, **fit_args)
+    return time.perf_counter() - start
+
+
+def _train_on_service(
+    model, data, callbacks, state, restored, initial_epoch, training, verbose
+) -> float:
+    """``model.fit`` on batches a tf.data service makes (``data.service``), from where it stopped.
+
+    The run's batches are numbered over its epochs; one service job serves
+    them all, and Keras takes ``steps`` of them per epoch. The job offers one
+    epoch more than the run needs: a service worker that dies loses the
+    batches it was making (each batch is made at most once), and the next ones
+    take their place.
+    """
+    steps = data.steps_per_epoch()
+    skip = restored.step if restored is not None and initial_epoch < training.epochs else 0
+    fit_args = {
+        "validation_data": data.val,
+        "callbacks": callbacks,
+        "verbose": (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose,
+        "class_weight": training.class_weight,
+        "shuffle": False,
+    }
+    start = time.perf_counter()
+    with _stop_on_sigterm(state):
+        if skip:  # finish the interrupted epoch first
+            first = initial_epoch * steps + skip
+            model.fit(
+                data.service_batches(start=first, stop=(initial_epoch + 2) * steps),
+                epochs=initial_epoch + 1,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps - skip,
+                **fit_args,
+            )
+            initial_epoch += 1
+        if initial_epoch < training.epochs and not model.stop_training:
+            model.fit(
+                data.service_batches(
+                    start=initial_epoch * steps, stop=(training.epochs + 1) * steps
+                ),
+                epochs=training.epochs,
+                initial_epoch=initial_epoch,
+                steps_per_epoch=steps,
+                **fit_args,
+            )
     return time.perf_counter() - start
 
 

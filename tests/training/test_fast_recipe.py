@@ -250,7 +250,11 @@ def recipe_run(tmp_path_factory):
         ]
     )
     run_dir = root / "run"
-    return run_dir, train(cfg, run_dir=run_dir), folder
+    assert cfg.trainer.precision == "mixed_bfloat16"  # the recipe's, on any CPU
+    try:
+        return run_dir, train(cfg, run_dir=run_dir), folder
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # as the other tests expect
 
 
 def test_recipe_trains_without_a_validation_split(recipe_run):

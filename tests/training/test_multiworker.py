@@ -24,8 +24,9 @@ from pipeline.training import devices as trainer
 from pipeline.training import distributed
 
 # 3 classes x 10 images leave 24 training images: three global batches of 8, each
-# split 4 + 4 across the two workers. Synchronized BatchNorm normalizes over the
-# global batch, so the math is one device's.
+# split 4 + 4 across the two workers. The default cnn has BatchNorm: with two
+# replicas trainer.sync_batchnorm=auto normalizes over the global batch, so the
+# math is one device's.
 COMMON = [
     "data=folder",
     "data.image_size=16",
@@ -34,7 +35,6 @@ COMMON = [
     "augment=none",
     "model=cnn",
     "model.width=4",
-    "model.norm=sync",
     "model.dropout=0.0",
     "trainer.epochs=1",
     "trainer.verbose=2",
@@ -54,6 +54,7 @@ def _free_port() -> int:
 
 def _env(tf_config: dict | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARIABLES}
+    env["PIPELINE_LOG_DECODES"] = "1"  # each decoded file: a line on the decoding process's stderr
     if tf_config is not None:
         env["TF_CONFIG"] = json.dumps(tf_config)
     return env
@@ -187,6 +188,40 @@ def test_two_workers_train_as_one_process(runs):
     assert a.keys() == b.keys() and len(a) > 10
     diff = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
     assert diff <= 1e-5, f"weights differ by up to {diff}"
+
+
+def test_batchnorm_is_synchronized_across_the_workers_only(runs):
+    root, logs = runs
+    chief = json.loads((root / "w0" / "metrics.json").read_text())
+    single = json.loads((root / "single" / "metrics.json").read_text())
+    assert chief["sync_batchnorm"] is True and single["sync_batchnorm"] is False
+    assert "trainer.sync_batchnorm auto -> True (2 replica(s))" in logs["worker0"]
+    stats = [json.loads((root / r / "stats.json").read_text()) for r in ("single", "w0")]
+    np.testing.assert_allclose(stats[1]["mean"], stats[0]["mean"], rtol=1e-12)
+    np.testing.assert_allclose(stats[1]["std"], stats[0]["std"], rtol=1e-12)
+
+
+def _decoded(log: str, tag: str) -> list[str]:
+    prefix = f"pipeline-decoded {tag} "
+    return [line[len(prefix) :] for line in log.splitlines() if line.startswith(prefix)]
+
+
+def test_each_worker_decodes_only_its_share(runs):
+    """Training and statistics: each worker decodes half the images, the two halves all of them."""
+    root, logs = runs
+    members = json.loads((root / "w0" / "manifest.json").read_text())["data"]["splits"]["train"]
+    train = {str(root / "images" / m) for m in members}
+    assert len(train) == 24
+    chief = json.loads((root / "w0" / "metrics.json").read_text())
+    assert chief["data_shard"] == {"worker": 0, "workers": 2}
+    for tag in ("train", "stats"):  # one epoch: each training image once
+        halves = [_decoded(logs[f"worker{i}"], tag) for i in range(2)]
+        assert [len(h) for h in halves] == [12, 12], tag
+        assert set(halves[0]).isdisjoint(halves[1]) and set(halves[0]) | set(halves[1]) == train
+    first = [_decoded(logs[f"worker{i}"], "first") for i in range(2)]  # the pre-flight batch
+    assert [len(f) for f in first] == [4, 4] and set(first[0]).isdisjoint(first[1])
+    assert not _decoded(logs["single"], "train")  # one process: its cached split, decoded once
+    assert len(_decoded(logs["single"], "split")) >= 24
 
 
 def test_only_the_chief_writes_the_run(runs):

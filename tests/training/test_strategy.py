@@ -22,8 +22,7 @@ COMMON = [
     "data.image_size=16",
     "data.batch_size=8",
     "augment=none",
-    "model.width=4",
-    "model.norm=sync",
+    "model.width=4",  # the default cnn's BatchNorm: synchronized by trainer.sync_batchnorm=auto
     "model.dropout=0.0",
     "trainer.epochs=2",
     "trainer.verbose=0",
@@ -61,6 +60,16 @@ def test_mirrored_uses_two_replicas(runs):
     _, single, mirrored = runs
     assert single["num_replicas"] == 1 and single["strategy"] == "default"
     assert mirrored["num_replicas"] == 2 and mirrored["strategy"] == "mirrored"
+    assert (single["sync_batchnorm"], mirrored["sync_batchnorm"]) == (False, True)
+
+
+def test_a_saved_model_is_not_left_synchronized(runs):
+    """Synchronized only while training: model.keras loads anywhere (JAX refuses the flag)."""
+    root, _, _ = runs
+    model = keras.saving.load_model(root / "mirrored" / "model.keras")
+    layers = model._flatten_layers()
+    norms = [x for x in layers if isinstance(x, keras.layers.BatchNormalization)]
+    assert norms and not any(layer.synchronized for layer in norms)
 
 
 def test_mirrored_matches_one_device(runs):
