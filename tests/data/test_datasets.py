@@ -240,7 +240,8 @@ def test_batch_augmentations_keep_shapes_and_label_mass(kwargs):
     bundle = data.make_datasets(_digits(), batch_size=16, seed=0, crop_padding=4, **kwargs)
     x, y = next(iter(bundle.train))
     assert x.shape == (16, 16, 16, 3) and x.dtype == tf.float32 and y.shape == (16, 10)
-    assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 255.0
+    # MixUp's lam * a + (1 - lam) * b can round 255 up by an ulp (255.00002)
+    assert float(tf.reduce_min(x)) >= 0.0 and float(tf.reduce_max(x)) <= 255.0 + 1e-3
     np.testing.assert_allclose(tf.reduce_sum(y, axis=1), np.ones(16), atol=1e-5)
     if "mixup_alpha" in kwargs or "cutmix_alpha" in kwargs:
         assert float(tf.reduce_max(y)) < 1.0 or len(np.unique(y.numpy())) > 2  # labels mixed
