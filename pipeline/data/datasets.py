@@ -86,10 +86,6 @@ class DataBundle:
     worker_batches: Callable[..., tf.data.Dataset] | None = None  # (skip=, first=) -> this worker's
     service_batches: Callable[..., tf.data.Dataset] | None = None  # (start=, stop=) batch numbers
 
-    def steps(self) -> int:
-        """Optimizer steps per epoch (also for a worker that decodes only its share)."""
-        return self.steps_per_epoch()
-
     @property
     def class_names(self) -> list[str]:
         return self.source.class_names

@@ -142,6 +142,11 @@ def sum_over_workers(strategy: tf.distribute.Strategy, value: float) -> float:
     Used between steps, where Keras's train function is not running, so the
     workers agree on whether to stop and on the backup they resumed from.
     """
+    return float(_summed(strategy)(tf.constant(float(value), tf.float32)))
+
+
+def _summed(strategy: tf.distribute.Strategy):
+    """A tensor summed over every replica of every worker: one traced function per strategy."""
     summed = _SUMS.get(id(strategy))
     if summed is None:
 
@@ -151,7 +156,7 @@ def sum_over_workers(strategy: tf.distribute.Strategy, value: float) -> float:
             return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
         _SUMS[id(strategy)] = summed
-    return float(summed(tf.constant(float(value), tf.float32)))
+    return summed
 
 
 _SUMS: dict = {}  # one traced sum per strategy
@@ -184,18 +189,6 @@ def sum_array_over_workers(strategy: tf.distribute.Strategy, values):
     """A float64 NumPy array summed over the workers (each counted once; all must call it)."""
     import numpy as np
 
-    summed = _ARRAY_SUMS.get(id(strategy))
-    if summed is None:
-
-        @tf.function
-        def summed(x):
-            per_replica = strategy.run(lambda: tf.identity(x))
-            return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-        _ARRAY_SUMS[id(strategy)] = summed
     _, _, replicas = worker_place(strategy)
-    total = summed(tf.constant(np.asarray(values, np.float64)))
+    total = _summed(strategy)(tf.constant(np.asarray(values, np.float64)))
     return np.asarray(total, np.float64) / replicas  # every replica of a worker adds its copy
-
-
-_ARRAY_SUMS: dict = {}

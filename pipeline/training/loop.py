@@ -696,13 +696,7 @@ def _train(
     initial_epoch = _resume_point(restored, training.epochs, make(), finished, replay)
     if restored is None and reports.tensorboard:
         write_preview(data.preview, run_dir / "tensorboard")
-    fit_args = {
-        "validation_data": data.val,
-        "callbacks": callbacks,
-        "verbose": (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose,
-        "class_weight": None if sharded else training.class_weight,
-        "shuffle": False,  # the tf.data pipeline shuffles; Keras would only warn
-    }
+    fit_args = _fit_args(data, callbacks, verbose, None if sharded else training.class_weight)
     start = time.perf_counter()
     with _stop_on_sigterm(state):
         if restored is not None and restored.step:  # finish the interrupted epoch first
@@ -718,6 +712,17 @@ def _train(
     return time.perf_counter() - start
 
 
+def _fit_args(data, callbacks, verbose, class_weight) -> dict:
+    """What every ``model.fit`` call of a run shares."""
+    return {
+        "validation_data": data.val,
+        "callbacks": callbacks,
+        "verbose": (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose,
+        "class_weight": class_weight,
+        "shuffle": False,  # the tf.data pipeline shuffles; Keras would only warn
+    }
+
+
 def _train_on_service(
     model, data, callbacks, state, restored, initial_epoch, training, verbose
 ) -> float:
@@ -731,13 +736,7 @@ def _train_on_service(
     """
     steps = data.steps_per_epoch()
     skip = restored.step if restored is not None and initial_epoch < training.epochs else 0
-    fit_args = {
-        "validation_data": data.val,
-        "callbacks": callbacks,
-        "verbose": (1 if sys.stdout.isatty() else 2) if verbose == "auto" else verbose,
-        "class_weight": training.class_weight,
-        "shuffle": False,
-    }
+    fit_args = _fit_args(data, callbacks, verbose, training.class_weight)
     start = time.perf_counter()
     with _stop_on_sigterm(state):
         if skip:  # finish the interrupted epoch first

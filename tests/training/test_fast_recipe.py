@@ -229,11 +229,9 @@ def test_val_fraction_zero_keeps_every_non_test_image_for_training(tmp_path):
     assert len(list(source.val.images)) == 0
 
 
-@pytest.fixture(scope="module")
-def recipe_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipe")
-    folder = write_image_folder(root / "images", per_class=12, size=32)
-    cfg = compose(
+def _tiny_recipe(folder, cache_dir, *overrides: str):
+    """The recipe's config on a tiny folder: 8-filter blocks, batches of 8, no export."""
+    return compose(
         [
             "experiment=cifar10_94",
             "data=folder",
@@ -241,13 +239,24 @@ def recipe_run(tmp_path_factory):
             "data.batch_size=8",
             "model.widths=[8,8,8]",
             "model.whiten_images=16",
-            "trainer.epochs=3",
-            "trainer.freeze_after={whiten:1}",
-            "trainer.test_each_epoch=true",
             "trainer.verbose=0",
             "export.formats=[]",
-            f"data.cache_dir={root}",
+            f"data.cache_dir={cache_dir}",
+            *overrides,
         ]
+    )
+
+
+@pytest.fixture(scope="module")
+def recipe_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    folder = write_image_folder(root / "images", per_class=12, size=32)
+    cfg = _tiny_recipe(
+        folder,
+        root,
+        "trainer.epochs=3",
+        "trainer.freeze_after={whiten:1}",
+        "trainer.test_each_epoch=true",
     )
     run_dir = root / "run"
     assert cfg.trainer.precision == "mixed_bfloat16"  # the recipe's
@@ -304,21 +313,7 @@ def test_evaluate_of_a_run_without_validation_uses_its_final_model(recipe_run, t
 def test_the_recipe_trains_in_bfloat16(tmp_path):
     """The recipe's precision end to end: bfloat16 compute, float32 weights and logits."""
     folder = write_image_folder(tmp_path / "images", per_class=6, size=32)
-    cfg = compose(
-        [
-            "experiment=cifar10_94",
-            "data=folder",
-            f"data.path={folder}",
-            "data.batch_size=8",
-            "model.widths=[8,8,8]",
-            "model.whiten_images=16",
-            "trainer.epochs=1",
-            "trainer.verbose=0",
-            "export.formats=[]",
-            "logger=[]",
-            f"data.cache_dir={tmp_path}",
-        ]
-    )
+    cfg = _tiny_recipe(folder, tmp_path, "trainer.epochs=1", "logger=[]")
     try:
         metrics = train(cfg, run_dir=tmp_path / "run")
     finally:
